@@ -1,0 +1,57 @@
+# Thin layer over `python -m pipeline`: each target installs the project into .venv first if needed.
+.DEFAULT_GOAL := help
+.PHONY: help install features heads finetune compare predict test test-all bench clean
+
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+
+DATA_DIR ?=
+CACHE_DIR ?= cache
+WEIGHTS ?= imagenet
+DEVICE  ?= auto
+EPOCHS  ?= 25
+MODES   ?= finetune scratch
+HEADS   ?=
+VIEWS   ?= 0
+
+DATA_OPT := $(if $(DATA_DIR),--data $(DATA_DIR))
+COMMON   := $(DATA_OPT) --cache $(CACHE_DIR) --weights $(WEIGHTS) --device $(DEVICE)
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: DATA_DIR WEIGHTS=imagenet|random|PATH DEVICE=auto|cpu|cuda EPOCHS MODES HEADS VIEWS CACHE_DIR"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project (done by every target)
+
+features: $(STAMP)  ## extract frozen ResNet18 features into cache/features/ (once)
+	$(PY) -m pipeline features $(COMMON) --views $(VIEWS)
+
+heads: features  ## fit scikit-learn heads on the cached features
+	$(PY) -m pipeline heads $(COMMON) --views $(VIEWS) $(if $(HEADS),--heads $(HEADS))
+
+finetune: $(STAMP)  ## end-to-end training runs (MODES="finetune scratch")
+	@for mode in $(MODES); do \
+	  $(PY) -m pipeline finetune $(COMMON) --mode $$mode --epochs $(EPOCHS) || exit $$?; done
+
+compare: heads finetune  ## run what is missing, then write reports/compare.md
+	$(PY) -m pipeline compare --cache $(CACHE_DIR) $(DATA_OPT)
+
+test: $(STAMP)  ## the test suite (fast part, ~5 minutes on 2 cores)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)  ## every test, the slow fault-injection ones too
+	$(PY) -m pytest -q -m ''
+
+bench: $(STAMP)  ## benchmarks (set BENCH_DATA to the data set, default DATA_DIR)
+	$(PY) bench/features.py $(DATA_OPT)
+
+clean:  ## remove generated caches and reports (keeps .venv)
+	rm -rf $(CACHE_DIR)/features $(CACHE_DIR)/heads $(CACHE_DIR)/runs reports

@@ -1,0 +1,132 @@
+"""Every default of the project, in one place.
+
+Each stage takes one frozen dataclass below; the CLI builds it from its options and
+``--help`` shows these defaults. ``PREPROCESS`` holds the preprocessing facts that both
+feature extraction and end-to-end training read.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+__all__ = [
+    "PREPROCESS",
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_CACHE_DIR",
+    "DEFAULT_DATA_URL",
+    "FeaturesConfig",
+    "HeadsConfig",
+    "FinetuneConfig",
+    "CompareConfig",
+    "PredictConfig",
+]
+
+# The reference protocol's preprocessing (PyTorch transfer-learning tutorial): one dict,
+# read by data.py's transforms, so the cache and fine-tuning can never disagree.
+PREPROCESS = {
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "resize": 256,
+    "crop": 224,
+    "interpolation": "bilinear",
+    # Training augmentation of the protocol (also used for cached augmented views).
+    "train_scale": (0.08, 1.0),
+    "train_ratio": (3 / 4, 4 / 3),
+    "hflip": 0.5,
+}
+
+DEFAULT_DATA_DIR = os.path.join("data", "hymenoptera_data")
+DEFAULT_DATA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
+DEFAULT_CACHE_DIR = "cache"
+FEATURE_DIM = 512
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Stage 1: extract frozen ResNet18 features into the HDF5 cache."""
+
+    data: str = DEFAULT_DATA_DIR
+    cache: str = DEFAULT_CACHE_DIR
+    weights: str = "imagenet"
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    batch_size: int = 0  # 0: automatic (32 on CPU, 256 on CUDA)
+    workers: int = -1  # -1: automatic (fits the machine's cores)
+    views: int = 0  # augmented passes of each train image stored beside the plain features
+    seed: int = 0
+    strict: bool = False  # an undecodable image is fatal instead of skipped
+    draft: bool = True  # decode large JPEGs at reduced scale (DCT draft) when it is safe
+    channels_last: bool = True
+    rebuild: bool = False  # discard any existing cache for these settings first
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Stage 2: fit scikit-learn heads on cached features."""
+
+    data: str = DEFAULT_DATA_DIR
+    cache: str = DEFAULT_CACHE_DIR
+    weights: str = "imagenet"
+    precision: str = "auto"
+    device: str = "auto"
+    views: int = 0
+    features: str = ""  # explicit feature cache file; default: the one `features` makes
+    heads: tuple = ("logistic", "sgd_log", "sgd_hinge", "linear_svm", "ridge")
+    use_views: bool = False
+    cv_folds: int = 5
+    seed: int = 0
+    out_of_core: bool = False
+    chunk_rows: int = 4096
+    format: str = "joblib"  # joblib | skops
+    rebuild: bool = False
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage 3: end-to-end training (reference protocol defaults)."""
+
+    data: str = DEFAULT_DATA_DIR
+    cache: str = DEFAULT_CACHE_DIR
+    weights: str = "imagenet"
+    device: str = "auto"
+    precision: str = "auto"
+    mode: str = "finetune"  # finetune | scratch | fixed | partial
+    trainable_from: str = "layer4"
+    bn: str = "frozen-eval"  # frozen-eval | train
+    epochs: int = 25
+    batch_size: int = 4
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    step_size: int = 7
+    gamma: float = 0.1
+    seed: int = 0
+    seeds: tuple = ()
+    workers: int = -1
+    channels_last: bool = True
+    rebuild: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Stage 4: put every method side by side."""
+
+    cache: str = DEFAULT_CACHE_DIR
+    reports: str = "reports"
+    data: str = DEFAULT_DATA_DIR
+    alpha: float = 0.05
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Classify new images with a saved head."""
+
+    head: str = ""
+    inputs: tuple = field(default_factory=tuple)
+    cache: str = DEFAULT_CACHE_DIR
+    device: str = "auto"
+    batch_size: int = 0
+    format: str = "table"  # table | csv | json

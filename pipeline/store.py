@@ -1,0 +1,359 @@
+"""The one module that knows the feature cache's HDF5 layout (and its resume parts).
+
+Layout of ``cache/features/<data>-<key>.h5`` (readable with plain h5py or ``h5ls -r``)::
+
+    /                 attrs: format, format_version, backbone, weights_id, weights_sha256,
+                             pretrained, transform (JSON), precision, data_root, classes (JSON),
+                             versions (JSON), created, settings_key, content_key
+    /<split>/features float32 (N, 512)   global-average-pooled ResNet18 pre-logits
+    /<split>/labels   int64 (N,)         index into classes
+    /<split>/paths    utf-8 (N,)         image path relative to data_root
+    /<split>/sha1     utf-8 (N,)         sha1 of the image file's bytes
+    /<split>/size, /<split>/mtime_ns     int64 (N,) file stat, for cheap change detection
+    /<split>/views    float32 (N, K, 512) optional, K augmented passes (train split)
+    /<split>          attrs: complete (bool), n (int), skipped (JSON list of
+                             {path, reason, sha1, size, mtime_ns})
+
+A cache is written whole to a temporary name and renamed, so a file under the final name is
+always complete. Work in progress lives in ``<file>.parts/`` as one ``.npz`` per batch (each
+written atomically), which is what an interrupted run resumes from.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import h5py
+import numpy as np
+
+from .errors import UserError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Row",
+    "SplitRows",
+    "settings_key",
+    "content_key",
+    "cache_file",
+    "write_cache",
+    "read_meta",
+    "read_split",
+    "iter_split_chunks",
+    "read_known_rows",
+    "write_part",
+    "read_parts",
+    "parts_dir",
+    "remove_cache",
+    "describe",
+    "library_versions",
+]
+
+FORMAT = "pipeline.features"
+FORMAT_VERSION = 1
+_STR = h5py.string_dtype("utf-8")
+
+
+@dataclass
+class Row:
+    """One image's cached result (or why it was skipped)."""
+
+    relpath: str
+    sha1: str
+    size: int
+    mtime_ns: int
+    feature: Optional[np.ndarray] = None  # (512,) float32; None when skipped
+    views: Optional[np.ndarray] = None  # (K, 512) float32
+    error: str = ""
+
+
+@dataclass
+class SplitRows:
+    """Everything one split of the cache holds, in order."""
+
+    rows: List[Row]
+    labels: List[int]
+    skipped: List[Row] = field(default_factory=list)
+
+
+def library_versions() -> Dict[str, str]:
+    import sklearn
+    import torch
+    import torchvision
+
+    return {
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "numpy": np.__version__, "h5py": h5py.__version__, "sklearn": sklearn.__version__,
+    }
+
+
+def settings_key(settings: dict) -> str:
+    """sha256 of the canonical JSON of everything that determines a feature value."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def cache_file(cache_dir: str, data_root: str, key: str) -> str:
+    name = os.path.basename(os.path.normpath(data_root)) or "data"
+    return os.path.join(cache_dir, "features", f"{name}-{key[:12]}.h5")
+
+
+def parts_dir(path: str) -> str:
+    return path + ".parts"
+
+
+def content_key(key: str, classes: List[str], splits: Dict[str, SplitRows]) -> str:
+    h = hashlib.sha256(key.encode())
+    h.update(json.dumps(classes).encode())
+    for split in sorted(splits):
+        for row, label in zip(splits[split].rows, splits[split].labels):
+            h.update(f"{split}\0{row.relpath}\0{row.sha1}\0{label}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def write_cache(path: str, settings: dict, meta: dict, classes: List[str],
+                splits: Dict[str, SplitRows]) -> str:
+    """Write a complete cache atomically (temporary file, fsync, rename). Returns content_key."""
+    key = settings_key(settings)
+    content = content_key(key, classes, splits)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            for name, value in meta.items():
+                f.attrs[name] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+            f.attrs["classes"] = json.dumps(classes)
+            f.attrs["versions"] = json.dumps(library_versions())
+            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+            f.attrs["settings_key"] = key
+            f.attrs["content_key"] = content
+            for split, data in splits.items():
+                _write_split(f.create_group(split), data)
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return content
+
+
+def _write_split(group: h5py.Group, data: SplitRows) -> None:
+    n = len(data.rows)
+    chunk = (max(1, min(n, 1024)), 512)
+    feats = np.stack([r.feature for r in data.rows]).astype(np.float32) if n else np.zeros((0, 512), np.float32)
+    group.create_dataset("features", data=feats, chunks=chunk if n else None, maxshape=(None, 512))
+    group.create_dataset("labels", data=np.asarray(data.labels, dtype=np.int64))
+    group.create_dataset("paths", data=[r.relpath for r in data.rows], dtype=_STR)
+    group.create_dataset("sha1", data=[r.sha1 for r in data.rows], dtype=_STR)
+    group.create_dataset("size", data=np.asarray([r.size for r in data.rows], dtype=np.int64))
+    group.create_dataset("mtime_ns", data=np.asarray([r.mtime_ns for r in data.rows], dtype=np.int64))
+    if n and data.rows[0].views is not None:
+        views = np.stack([r.views for r in data.rows]).astype(np.float32)
+        group.create_dataset("views", data=views, chunks=(max(1, min(n, 256)),) + views.shape[1:])
+    group.attrs["n"] = n
+    group.attrs["complete"] = True
+    group.attrs["skipped"] = json.dumps([
+        {"path": r.relpath, "reason": r.error, "sha1": r.sha1, "size": r.size, "mtime_ns": r.mtime_ns}
+        for r in data.skipped
+    ])
+
+
+def _open(path: str) -> h5py.File:
+    """Open a cache for reading; anything unreadable is a user error naming the fix."""
+    if not os.path.isfile(path):
+        raise UserError(f"feature cache {path!r} does not exist; run `make features` (python -m pipeline features) first")
+    try:
+        f = h5py.File(path, "r")
+    except Exception as exc:
+        raise UserError(
+            f"feature cache {path!r} is corrupt or not HDF5 ({type(exc).__name__}); delete it or rerun "
+            "`python -m pipeline features --rebuild`"
+        ) from None
+    if f.attrs.get("format") != FORMAT:
+        f.close()
+        raise UserError(f"{path!r} is not a feature cache of this project (no format={FORMAT!r} attribute)")
+    if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
+        version = f.attrs.get("format_version")
+        f.close()
+        raise UserError(
+            f"feature cache {path!r} has format version {version}, this project reads {FORMAT_VERSION}; "
+            "rerun `python -m pipeline features --rebuild`"
+        )
+    return f
+
+
+def _attrs(f: h5py.File) -> dict:
+    meta = {}
+    for name, value in f.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, str) and value[:1] in "[{":
+            value = json.loads(value)
+        elif isinstance(value, np.generic):
+            value = value.item()
+        meta[name] = value
+    return meta
+
+
+def _corrupt(path: str, exc: Exception) -> UserError:
+    return UserError(
+        f"feature cache {path!r} is damaged ({type(exc).__name__}: {str(exc)[:80]}); rerun "
+        "`python -m pipeline features --rebuild`"
+    )
+
+
+def read_meta(path: str) -> dict:
+    """Root attributes (JSON decoded) plus ``splits``: {split: {n, complete, skipped, views}}."""
+    with _open(path) as f:
+        try:
+            meta = _attrs(f)
+            meta["splits"] = {
+                name: {
+                    "n": int(g.attrs["n"]),
+                    "complete": bool(g.attrs["complete"]),
+                    "skipped": json.loads(g.attrs["skipped"]),
+                    "views": int(g["views"].shape[1]) if "views" in g else 0,
+                }
+                for name, g in f.items()
+            }
+        except Exception as exc:
+            raise _corrupt(path, exc) from None
+    meta["path"] = path
+    return meta
+
+
+def read_split(path: str, split: str, views: bool = False) -> Tuple[np.ndarray, np.ndarray, List[str], Optional[np.ndarray]]:
+    """``(features (N, 512), labels (N,), relpaths, views (N, K, 512) or None)`` of one split."""
+    with _open(path) as f:
+        if split not in f:
+            raise UserError(f"feature cache {path!r} has no split {split!r} (has {sorted(f)})")
+        g = f[split]
+        try:
+            if not g.attrs.get("complete", False):
+                raise UserError(f"split {split!r} of {path!r} is incomplete; rerun `python -m pipeline features`")
+            feats = g["features"][()]
+            labels = g["labels"][()]
+            paths = list(g["paths"].asstr()[()])
+            view_arr = g["views"][()] if views and "views" in g else None
+        except UserError:
+            raise
+        except Exception as exc:
+            raise _corrupt(path, exc) from None
+    return feats, labels, paths, view_arr
+
+
+def iter_split_chunks(path: str, split: str, chunk_rows: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Stream ``(features, labels)`` of one split in row chunks, for out-of-core training."""
+    with _open(path) as f:
+        g = f[split]
+        n = int(g.attrs["n"])
+        for start in range(0, n, chunk_rows):
+            stop = min(n, start + chunk_rows)
+            yield g["features"][start:stop], g["labels"][start:stop]
+
+
+def read_known_rows(path: str) -> Dict[str, Row]:
+    """Every row (and skipped file) of an existing complete cache, keyed by relative path."""
+    known: Dict[str, Row] = {}
+    if not os.path.exists(path):
+        return known
+    with _open(path) as f:
+        try:
+            for g in f.values():
+                feats = g["features"][()]
+                views = g["views"][()] if "views" in g else None
+                for i, (rel, sha, size, mtime) in enumerate(zip(
+                        g["paths"].asstr()[()], g["sha1"].asstr()[()], g["size"][()], g["mtime_ns"][()])):
+                    known[rel] = Row(rel, sha, int(size), int(mtime), feats[i],
+                                     None if views is None else views[i])
+                for s in json.loads(g.attrs["skipped"]):
+                    known[s["path"]] = Row(s["path"], s["sha1"], s["size"], s["mtime_ns"], error=s["reason"])
+        except Exception as exc:
+            raise _corrupt(path, exc) from None
+    return known
+
+
+def write_part(directory: str, rows: Iterable[Row], tag: str = "") -> str:
+    """Persist one batch of results atomically; a crash leaves either all of it or none."""
+    rows = list(rows)
+    os.makedirs(directory, exist_ok=True)
+    ok = [r for r in rows if r.feature is not None]
+    arrays = {
+        "relpath": np.array([r.relpath for r in rows], dtype=object).astype(str),
+        "sha1": np.array([r.sha1 for r in rows]).astype(str),
+        "size": np.array([r.size for r in rows], dtype=np.int64),
+        "mtime_ns": np.array([r.mtime_ns for r in rows], dtype=np.int64),
+        "error": np.array([r.error for r in rows]).astype(str),
+        "features": np.stack([r.feature for r in ok]) if ok else np.zeros((0, 512), np.float32),
+    }
+    if ok and ok[0].views is not None:
+        arrays["views"] = np.stack([r.views for r in ok])
+    name = os.path.join(directory, f"{tag}{uuid.uuid4().hex}.npz")
+    tmp = name + ".tmp"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, name)
+    return name
+
+
+def read_parts(directory: str) -> Dict[str, Row]:
+    """Rows saved by interrupted runs; unreadable parts (should not happen) are ignored."""
+    known: Dict[str, Row] = {}
+    for name in sorted(glob.glob(os.path.join(directory, "*.npz")), key=os.path.getmtime):
+        try:
+            with np.load(name) as z:
+                feats = z["features"]
+                views = z["views"] if "views" in z.files else None
+                j = 0
+                for rel, sha, size, mtime, err in zip(z["relpath"], z["sha1"], z["size"], z["mtime_ns"], z["error"]):
+                    row = Row(str(rel), str(sha), int(size), int(mtime), error=str(err))
+                    if not row.error:
+                        row.feature = feats[j]
+                        row.views = None if views is None else views[j]
+                        j += 1
+                    known[row.relpath] = row
+        except Exception:  # a torn part cannot exist (atomic rename); be safe anyway
+            continue
+    return known
+
+
+def remove_cache(path: str) -> None:
+    for p in (path, parts_dir(path)):
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)
+
+
+def describe(path: str) -> str:
+    """A human-readable summary of a cache (``python -m pipeline info CACHE``)."""
+    meta = read_meta(path)
+    lines = [f"feature cache  {path}"]
+    pretrained = meta.get("pretrained", True)
+    for name in ("backbone", "weights_id", "precision", "data_root", "created", "content_key"):
+        if name in meta:
+            lines.append(f"  {name:<14} {meta[name]}")
+    if not pretrained:
+        lines.append("  NOTE           not pretrained (random weights): not a transfer-learning result")
+    lines.append(f"  {'classes':<14} {', '.join(meta['classes'])}")
+    for split, info in meta["splits"].items():
+        extra = f", {info['views']} augmented views each" if info["views"] else ""
+        lines.append(f"  {split:<14} {info['n']} images{extra}, {len(info['skipped'])} skipped, "
+                     f"complete={info['complete']}")
+        for s in info["skipped"]:
+            lines.append(f"    skipped {s['path']}: {s['reason']}")
+    lines.append(f"  {'versions':<14} " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    return "\n".join(lines)

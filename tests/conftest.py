@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny synthetic ImageFolder data sets (small images, fast on 2 cores)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("ants", "bees")
+
+
+def make_image(path: Path, label: int, rng: np.random.Generator, size=(40, 32)) -> None:
+    """A small image whose colour depends on its class, so even random features separate them."""
+    w, h = size
+    base = np.array([200, 60, 40]) if label == 0 else np.array([40, 80, 210])
+    pixels = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_dataset(root: Path, n_train: int = 6, n_val: int = 4, seed: int = 0, classes=CLASSES) -> Path:
+    """root/{train,val}/<class>/img_<i>.jpg with ``n_*`` images per class."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for label, name in enumerate(classes):
+            for i in range(n):
+                make_image(root / split / name / f"img_{i:03d}.jpg", label, rng)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """12 train + 8 val images of two colour-coded classes."""
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The real hymenoptera data set, when PIPELINE_TEST_DATA points at it."""
+    path = os.environ.get("PIPELINE_TEST_DATA")
+    if not path or not os.path.isdir(path):
+        pytest.skip("set PIPELINE_TEST_DATA to the hymenoptera_data folder to run this test")
+    return Path(path)
+
+
+@pytest.fixture(autouse=True)
+def _offline_torch_home(tmp_path, monkeypatch):
+    """Keep tests away from the user's hub cache; nothing is downloaded in tests."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
