@@ -219,8 +219,10 @@ def _assemble(res: Resolved, rows: Dict[str, store.Row]) -> Dict[str, store.Spli
     return splits
 
 
-def _meta(res: Resolved) -> dict:
+def _meta(res: Resolved, extract_seconds: float) -> dict:
     return {
+        "extract_seconds": extract_seconds,
+        "extract_device": str(res.device),
         "backbone": backbone.BACKBONE,
         "weights_id": res.weights.id,
         "weights_sha256": res.weights.sha256,
@@ -275,7 +277,10 @@ def run(cfg: FeaturesConfig) -> FeaturesResult:
         computed = _extract(res, cfg, todo, parts) if todo else 0
         seconds = time.perf_counter() - start
         rows.update(store.read_parts(parts))
-        store.write_cache(res.path, res.settings, _meta(res), res.dataset.classes, _assemble(res, rows))
+        # Compute time of every row in the cache, so compare can charge heads their share.
+        previous = store.read_meta(res.path).get("extract_seconds", 0.0) if os.path.exists(res.path) else 0.0
+        meta = _meta(res, previous + seconds)
+        store.write_cache(res.path, res.settings, meta, res.dataset.classes, _assemble(res, rows))
         shutil.rmtree(parts, ignore_errors=True)
         meta = store.read_meta(res.path)
     return _result(res, meta, computed, seconds, up_to_date=False)
