@@ -116,8 +116,10 @@ class CompareConfig:
 
     cache: str = DEFAULT_CACHE_DIR
     reports: str = "reports"
-    data: str = DEFAULT_DATA_DIR
-    alpha: float = 0.05
+    # The data root the results must come from; "": the one most results share. Results from
+    # any other root, class list or val set are listed apart, never mixed into the table.
+    data: str = ""
+    alpha: float = 0.05  # significance level of the McNemar test against the best method
 
 
 @dataclass(frozen=True)
