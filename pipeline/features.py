@@ -88,10 +88,10 @@ def default_batch_size(device: torch.device) -> int:
 def resolve(cfg: FeaturesConfig) -> Resolved:
     """Discover the data, weights, device and precision, and name the cache file."""
     _validate(cfg)
-    dataset = data.discover(cfg.data)
-    weights = backbone.resolve_weights(cfg.weights, cfg.seed)
     device = backbone.choose_device(cfg.device)
     precision = backbone.choose_precision(cfg.precision, device)
+    weights = backbone.resolve_weights(cfg.weights, cfg.seed)
+    dataset = data.discover(cfg.data)
     settings = {
         "backbone": backbone.BACKBONE,
         "weights_sha256": weights.sha256,
@@ -121,12 +121,12 @@ def _sha1(path: str) -> str:
     return h.hexdigest()
 
 
-def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[store.Row]], List[Tuple[str, os.stat_result]]]:
+def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[store.Row]], Dict[str, List[Tuple[str, os.stat_result]]]]:
     """Reuse every known row whose file is unchanged; list the images still to compute."""
     reused: Dict[str, List[store.Row]] = {}
-    todo = []
+    todo: Dict[str, List[Tuple[str, os.stat_result]]] = {}
     for split, items in res.dataset.splits.items():
-        reused[split] = []
+        reused[split], todo[split] = [], []
         for item in items:
             full = res.dataset.path(item)
             st = os.stat(full)
@@ -138,15 +138,15 @@ def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[st
                 else:
                     row = None
             if row is None:
-                todo.append((item.relpath, st))
+                todo[split].append((item.relpath, st))
             else:
                 reused[split].append(row)
     return reused, todo
 
 
-def _loader(res: Resolved, cfg: FeaturesConfig, relpaths: List[str]) -> torch.utils.data.DataLoader:
+def _loader(res: Resolved, cfg: FeaturesConfig, relpaths: List[str], views: int) -> torch.utils.data.DataLoader:
     workers = default_workers(res.device) if cfg.workers < 0 else cfg.workers
-    dataset = data.ExtractionDataset(res.dataset.root, relpaths, views=cfg.views, seed=cfg.seed, draft=cfg.draft)
+    dataset = data.ExtractionDataset(res.dataset.root, relpaths, views=views, seed=cfg.seed, draft=cfg.draft)
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size or default_batch_size(res.device),
@@ -164,44 +164,52 @@ def _forward(model, images: torch.Tensor, res: Resolved, channels_last: bool) ->
         return model(x).float()
 
 
-def _extract(res: Resolved, cfg: FeaturesConfig, todo: List[Tuple[str, os.stat_result]], parts: str) -> int:
+def _extract(res: Resolved, cfg: FeaturesConfig, todo: Dict[str, List[Tuple[str, os.stat_result]]],
+             parts: str) -> int:
     """Forward every image in ``todo``, saving one atomic part per batch. Returns images done."""
     model = backbone.feature_extractor(res.weights, res.device, cfg.channels_last)
-    relpaths = [rel for rel, _ in todo]
-    stats = dict(todo)
-    bar = tqdm(total=len(todo), unit="img", desc="features", disable=not cfg.progress, dynamic_ncols=True)
-    done = 0
+    total = sum(len(v) for v in todo.values())
+    bar = tqdm(total=total, unit="img", desc="features", disable=not cfg.progress, dynamic_ncols=True)
     with torch.inference_mode():
-        for batch in _loader(res, cfg, relpaths):
-            ok = [i for i, err in enumerate(batch["error"]) if not err]
-            feats = views = None
-            if ok:
-                sel = torch.tensor(ok)
-                images = batch["image"][sel]
-                if cfg.views:
-                    images = torch.cat([images, batch["views"][sel].flatten(0, 1)])
-                out = _forward(model, images, res, cfg.channels_last).cpu().numpy()
-                feats = out[: len(ok)]
-                if cfg.views:
-                    views = out[len(ok):].reshape(len(ok), cfg.views, FEATURE_DIM)
-            rows = []
-            for i, index in enumerate(batch["index"].tolist()):
-                rel = relpaths[index]
-                st = stats[rel]
-                row = store.Row(rel, batch["sha1"][i], st.st_size, st.st_mtime_ns, error=batch["error"][i])
-                if not row.error:
-                    j = ok.index(i)
-                    row.feature = feats[j]
-                    row.views = None if views is None else views[j]
-                elif cfg.strict:
-                    raise UserError(f"cannot decode {os.path.join(res.dataset.root, rel)!r} ({row.error}); "
-                                    "remove or fix the file, or drop --strict to skip it")
-                rows.append(row)
-            store.write_part(parts, rows)
-            done += len(rows)
-            bar.update(len(rows))
+        for split, entries in todo.items():
+            if entries:
+                # Augmented views are a training aid: only the train split gets them.
+                _extract_split(model, res, cfg, entries, cfg.views if split == "train" else 0, parts, bar)
     bar.close()
-    return done
+    return total
+
+
+def _extract_split(model, res: Resolved, cfg: FeaturesConfig, entries: List[Tuple[str, os.stat_result]],
+                   n_views: int, parts: str, bar) -> None:
+    relpaths = [rel for rel, _ in entries]
+    stats = dict(entries)
+    for batch in _loader(res, cfg, relpaths, n_views):
+        ok = [i for i, err in enumerate(batch["error"]) if not err]
+        feats = views = None
+        if ok:
+            sel = torch.tensor(ok)
+            images = batch["image"][sel]
+            if n_views:
+                images = torch.cat([images, batch["views"][sel].flatten(0, 1)])
+            out = _forward(model, images, res, cfg.channels_last).cpu().numpy()
+            feats = out[: len(ok)]
+            if n_views:
+                views = out[len(ok):].reshape(len(ok), n_views, FEATURE_DIM)
+        rows = []
+        for i, index in enumerate(batch["index"].tolist()):
+            rel = relpaths[index]
+            st = stats[rel]
+            row = store.Row(rel, batch["sha1"][i], st.st_size, st.st_mtime_ns, error=batch["error"][i])
+            if not row.error:
+                j = ok.index(i)
+                row.feature = feats[j]
+                row.views = None if views is None else views[j]
+            elif cfg.strict:
+                raise UserError(f"cannot decode {os.path.join(res.dataset.root, rel)!r} ({row.error}); "
+                                "remove or fix the file, or drop --strict to skip it")
+            rows.append(row)
+        store.write_part(parts, rows)
+        bar.update(len(rows))
 
 
 def _assemble(res: Resolved, rows: Dict[str, store.Row]) -> Dict[str, store.SplitRows]:
@@ -271,10 +279,10 @@ def run(cfg: FeaturesConfig) -> FeaturesResult:
                 raise UserError(f"cannot decode {os.path.join(res.dataset.root, bad[0].relpath)!r} "
                                 f"({bad[0].error}); remove or fix it, or drop --strict to skip it")
         rows = {r.relpath: r for split_rows in reused.values() for r in split_rows}
-        if not todo and _unchanged(res.path, res, _assemble(res, rows)):
+        if not any(todo.values()) and _unchanged(res.path, res, _assemble(res, rows)):
             return _result(res, store.read_meta(res.path), 0, 0.0, up_to_date=True)
         start = time.perf_counter()
-        computed = _extract(res, cfg, todo, parts) if todo else 0
+        computed = _extract(res, cfg, todo, parts)
         seconds = time.perf_counter() - start
         rows.update(store.read_parts(parts))
         # Compute time of every row in the cache, so compare can charge heads their share.
