@@ -755,7 +755,8 @@ def _figures(res: CompareResult, report_dir: str, data: str) -> Dict[str, str]:
         "predictions": lambda p: plots.prediction_grid(
             best.representative.metrics["predictions"], classes,
             _image_roots(best.representative.data_root, data), p,
-            title=f"{point_label(best)} — val acc {best.representative.accuracy:.3f}{title_note}"),
+            title=f"{point_label(best)}{f' (seed {best.representative.seed})' if best.seeds > 1 else ''} — "
+                  f"val acc {best.representative.accuracy:.3f}{title_note}"),
         "pca": lambda p: plots.feature_pca(_feature_caches(rows, res), classes, p),
     }
     figures = {}

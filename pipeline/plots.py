@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 __all__ = [
@@ -154,7 +155,8 @@ def accuracy_vs_time(points: Sequence[Point], path: str, title_note: str = "") -
     lo = min(p.low for p in points)
     hi = max(p.high for p in points)
     pad = max(0.02, 0.08 * (hi - lo))
-    ax.set_ylim(max(0.0, lo - pad), min(1.005, hi + pad))
+    ax.set_ylim(max(0.0, lo - pad), min(1.04, hi + pad))  # room above 1.0 for a perfect score's marker
+    ax.yaxis.set_major_locator(FixedLocator([t for t in ax.get_yticks() if t <= 1.0 + 1e-9]))
     xmin, xmax = secs.min(), secs.max()
     span = math.log10(xmax / xmin)
     grow = max(0.0, (1.0 - span) / 2)  # at least one decade, so the axis shows what log means
@@ -171,7 +173,8 @@ def accuracy_vs_time(points: Sequence[Point], path: str, title_note: str = "") -
 
     handles = [Line2D([], [], marker=m, ls="", color=c, markersize=8, label=lab)
                for kind, (m, c, lab) in _KIND_STYLE.items() if any(p.kind == kind for p in points)]
-    handles += [Line2D([], [], marker="*", ls="", color="0.3", markersize=14, label="best"),
+    handles += [Patch(color="#f1c40f", alpha=0.3, label="best's interval"),
+                Line2D([], [], marker="*", ls="", color="0.3", markersize=14, label="best"),
                 Line2D([], [], marker="o", ls="", color="0.3", markersize=8, label="≈ best (McNemar p ≥ α)"),
                 Line2D([], [], marker="o", ls="", markerfacecolor="white", markeredgecolor="0.3",
                        markersize=8, label="significantly worse")]
@@ -382,8 +385,15 @@ def prediction_grid(predictions: dict, classes: Sequence[str], roots: Sequence[s
         ax.set_visible(False)
     head = title or "Best method's predictions"
     shown = sum(y_true[i] != y_pred[i] for i in order)
-    fig.suptitle(f"{head}\n{n_wrong} of {len(y_true)} val images misclassified (red, {shown} shown first); "
-                 "then correct ones (green)", fontsize=11)
+    if n_wrong == 0:
+        line = f"no val image misclassified; {len(order)} of {len(y_true)} shown (green: correct)"
+    elif shown < n_wrong:
+        which = "most confident" if confidence else "first"
+        line = f"{n_wrong} of {len(y_true)} val images misclassified: the {shown} {which} shown (red)"
+    else:
+        line = (f"{n_wrong} of {len(y_true)} val images misclassified (red, first), "
+                "then correct ones (green)")
+    fig.suptitle(f"{head}\n{line}", fontsize=11)
     if missing:
         warnings.warn(f"{missing} val image(s) not found under {list(roots)}; shown as grey tiles "
                       "(pass --data DIR if the data set moved)")
