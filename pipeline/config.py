@@ -103,9 +103,10 @@ class FinetuneConfig:
     step_size: int = 7
     gamma: float = 0.1
     seed: int = 0
-    seeds: tuple = ()
-    workers: int = -1
+    seeds: tuple = ()  # several seeds: one run each, then mean ± std (overrides seed)
+    workers: int = -1  # -1: automatic; results do not depend on it
     channels_last: bool = True
+    strict: bool = False  # an undecodable image is fatal instead of skipped
     rebuild: bool = False
     progress: bool = True
 

@@ -1,0 +1,716 @@
+"""Stage 3: end-to-end training of ResNet18 (the reference protocol's comparison modes).
+
+Modes (``--mode``):
+
+``finetune``  every layer trains, starting from ``--weights``.
+``scratch``   every layer trains from a seeded random init (``--weights`` is ignored).
+``fixed``     the backbone is frozen, only ``fc`` trains, on augmented images every epoch:
+              the tutorial's slow "fixed feature extractor" that the feature cache replaces.
+``partial``   the stem and the residual stages before ``--trainable-from layerN`` are frozen.
+
+Reproducible and resumable by construction: the shuffling and every augmentation are a pure
+function of (seed, epoch, position in the epoch), so a run resumed from ``last.pt`` (saved
+after every epoch) ends bit-identical on CPU to an uninterrupted one, whatever the number of
+loader processes. Outputs live in ``<cache>/runs/<mode>[-<seed>]/``; ``metrics.json`` is
+written last, so a run without it is unfinished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from filelock import FileLock
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import backbone, data, metrics, store
+from .config import FinetuneConfig
+from .errors import UserError
+from .features import default_batch_size, default_workers
+
+__all__ = [
+    "MODES",
+    "BN_CHOICES",
+    "TRAINABLE_FROM",
+    "RunResult",
+    "FinetuneResult",
+    "run",
+    "run_name",
+    "run_dir",
+]
+
+log = logging.getLogger(__name__)
+
+MODES = ("finetune", "scratch", "fixed", "partial")
+BN_CHOICES = ("frozen-eval", "train")
+TRAINABLE_FROM = ("layer1", "layer2", "layer3", "layer4")
+RUN_FORMAT = "pipeline.run"
+RUN_FORMAT_VERSION = 1
+# The network as an ordered list of stages; a mode freezes a prefix of it.
+_STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc")
+_FILES = ("metrics.json", "last.pt", "best.pt", "history.json")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class RunResult:
+    """One finished run (one mode, one seed); ``metrics`` is the content of metrics.json."""
+
+    name: str
+    path: str
+    metrics: dict
+    resumed_from: int = 0  # epochs taken over from an interrupted or shorter run
+    up_to_date: bool = False  # nothing trained: a complete run with these settings existed
+
+    @property
+    def accuracy(self) -> float:
+        return self.metrics["metrics"]["accuracy"]
+
+    def summary(self) -> str:
+        m = self.metrics
+        acc = m["metrics"]
+        low, high = acc["accuracy_ci95"]
+        label = "" if m["pretrained"] else " (not pretrained)"
+        lines = [f"run {m['name']:<14} {self.path}",
+                 f"  mode           {m['mode']}, seed {m['seed']}, weights {m['weights_id']}{label}",
+                 f"  best val acc   {acc['accuracy']:.4f} [95% CI {low:.3f}-{high:.3f}] at epoch "
+                 f"{m['best_epoch']} of {m['epochs']}; balanced {acc['balanced_accuracy']:.4f}"]
+        if self.up_to_date:
+            lines.append("  up to date     a complete run with these settings exists: nothing trained")
+        else:
+            per_epoch = sum(m["epoch_seconds"]) / max(1, len(m["epoch_seconds"]))
+            resumed = f"; resumed after epoch {self.resumed_from}" if self.resumed_from else ""
+            lines.append(f"  time           {m['total_seconds']:.1f} s ({per_epoch:.2f} s/epoch, "
+                         f"{m['images_per_s']:.1f} train images/s) on {m['device']}, {m['precision']}{resumed}")
+        lines.append(f"  parameters     {m['trainable_parameters']:,} trainable of {m['total_parameters']:,}")
+        if not m["pretrained"]:
+            lines.append("  NOTE           not pretrained (random init): not a transfer-learning result")
+        return "\n".join(lines)
+
+
+@dataclass
+class FinetuneResult:
+    """Every run of one ``finetune`` call (several with ``--seeds``) and the skipped images."""
+
+    runs: List[RunResult]
+    skipped: List[dict] = field(default_factory=list)
+
+    def accuracy_mean_std(self) -> Tuple[float, float]:
+        accs = np.array([r.accuracy for r in self.runs])
+        return float(accs.mean()), float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
+
+    def summary(self) -> str:
+        lines = [r.summary() for r in self.runs]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} undecodable image(s):")
+            lines.extend(f"  {s['path']}: {s['reason']}" for s in self.skipped)
+        if len(self.runs) > 1:
+            mean, std = self.accuracy_mean_std()
+            mode = self.runs[0].metrics["mode"]
+            lines.append(f"{mode}: best val accuracy {mean:.4f} ± {std:.4f} "
+                         f"(mean ± std over seeds {', '.join(str(r.metrics['seed']) for r in self.runs)})")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def run_name(mode: str, seed: int) -> str:
+    """``<mode>`` for seed 0, ``<mode>-<seed>`` otherwise (the compare stage reads these)."""
+    return mode if seed == 0 else f"{mode}-{seed}"
+
+
+def run_dir(cache: str, mode: str, seed: int) -> str:
+    return os.path.join(cache, "runs", run_name(mode, seed))
+
+
+def run(cfg: FinetuneConfig) -> FinetuneResult:
+    """Train (or resume, or find up to date) one run per seed and return their results.
+
+    Raises
+    ------
+    UserError
+        Bad options, unusable data, unavailable weights or device.
+    """
+    _validate(cfg)
+    dataset = data.discover(cfg.data)
+    device = backbone.choose_device(cfg.device)
+    precision = backbone.choose_precision(cfg.precision, device)
+    splits, skipped = _decodable(dataset, cfg.strict)
+    seeds = tuple(cfg.seeds) or (cfg.seed,)
+    runs = [_run_one(cfg, seed, dataset, splits, skipped, device, precision) for seed in seeds]
+    return FinetuneResult(runs, skipped)
+
+
+def _validate(cfg: FinetuneConfig) -> None:
+    if cfg.mode not in MODES:
+        raise UserError(f"--mode {cfg.mode!r} is not recognised. Only {', '.join(MODES)} are supported.")
+    if cfg.trainable_from not in TRAINABLE_FROM:
+        raise UserError(f"--trainable-from {cfg.trainable_from!r} is not recognised. Only "
+                        f"{', '.join(TRAINABLE_FROM)} are supported (--mode fixed trains fc alone).")
+    if cfg.bn not in BN_CHOICES:
+        raise UserError(f"--bn {cfg.bn!r} is not recognised. Only {', '.join(BN_CHOICES)} are supported.")
+    checks = [
+        ("epochs", cfg.epochs >= 1, ">= 1"), ("batch-size", cfg.batch_size >= 1, ">= 1"),
+        ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "> 0"),
+        ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
+        ("weight-decay", cfg.weight_decay >= 0, ">= 0"), ("step-size", cfg.step_size >= 1, ">= 1"),
+        ("gamma", cfg.gamma > 0, "> 0"), ("workers", cfg.workers >= -1, ">= 0 (or -1 for automatic)"),
+        ("seed", cfg.seed >= 0, ">= 0"),
+    ]
+    for name, ok, rule in checks:
+        if not ok:
+            raise UserError(f"--{name} {getattr(cfg, name.replace('-', '_'))} must be {rule}")
+    if any(not isinstance(s, int) or s < 0 for s in cfg.seeds) or len(set(cfg.seeds)) != len(cfg.seeds):
+        raise UserError(f"--seeds {','.join(map(str, cfg.seeds))}: give distinct integers >= 0, e.g. --seeds 0,1,2")
+
+
+def _decodable(dataset: data.DataSet, strict: bool) -> Tuple[Dict[str, List[data.Item]], List[dict]]:
+    """Decode every image once, up front, so a bad file can never stop training mid-epoch."""
+    splits: Dict[str, List[data.Item]] = {}
+    skipped: List[dict] = []
+    for split, items in dataset.splits.items():
+        good = []
+        for item in items:
+            try:
+                if os.path.getsize(dataset.path(item)) == 0:
+                    raise ValueError("empty file (0 bytes)")
+                data.load_image(dataset.path(item))
+            except Exception as exc:  # a bad image is data, not a crash
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+                if strict:
+                    raise UserError(f"cannot decode {dataset.path(item)!r} ({reason}); remove or fix "
+                                    "the file, or drop --strict to skip it") from None
+                skipped.append({"split": split, "path": item.relpath, "reason": reason})
+                continue
+            good.append(item)
+        splits[split] = good
+    for split in ("train", "val"):
+        if not splits[split]:
+            raise UserError(f"no decodable images in {os.path.join(dataset.root, split)!r}; "
+                            "add images (every file there failed to decode)")
+    if skipped:
+        log.warning("skipping %d undecodable image(s), e.g. %s", len(skipped), skipped[0]["path"])
+    return splits, skipped
+
+
+# --------------------------------------------------------------------------- the network
+
+
+class _Net:
+    """ResNet18 split into a frozen prefix and a trainable suffix (views of the same modules).
+
+    ``prefix`` is what runs the frozen part: with BatchNorm frozen in eval mode it is a
+    conv+BN-fused copy (frozen weights never change, so the copy never goes stale), run under
+    ``no_grad``; its output does not depend on how images are batched, which lets it run on
+    large chunks while the optimiser still steps on batches of ``batch_size``.
+    """
+
+    def __init__(self, model: nn.Module, mode: str, trainable_from: str, bn: str):
+        self.model = model
+        first = {"finetune": 0, "scratch": 0, "fixed": _STAGES.index("fc"),
+                 "partial": _STAGES.index(trainable_from)}[mode]
+        stages = {
+            "stem": [model.conv1, model.bn1, model.relu, model.maxpool],
+            "layer1": [model.layer1], "layer2": [model.layer2],
+            "layer3": [model.layer3], "layer4": [model.layer4],
+            "pool": [model.avgpool, nn.Flatten(1)], "fc": [model.fc],
+        }
+        frozen = [m for s in _STAGES[:first] for m in stages[s]]
+        self.frozen = nn.Sequential(*frozen)
+        self.trainable = nn.Sequential(*[m for s in _STAGES[first:] for m in stages[s]])
+        self.frozen.requires_grad_(False)
+        self.bn_frozen = bn == "frozen-eval"
+        self.prefix: nn.Module = self.frozen
+        # Chunking the prefix is exact only when its output ignores batch composition.
+        self.chunked = bool(frozen) and self.bn_frozen
+
+    def finalize(self, channels_last: bool) -> None:
+        """Call after the model's weights and device are final."""
+        if self.chunked:
+            from torch.fx.experimental.optimization import fuse
+
+            self.frozen.eval()
+            self.prefix = fuse(self.frozen, inplace=False).eval().requires_grad_(False)
+            if channels_last:
+                self.prefix = self.prefix.to(memory_format=torch.channels_last)
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.bn_frozen:
+            self.frozen.eval()  # frozen BatchNorm keeps its running statistics
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if not len(self.frozen):
+            return x
+        with torch.no_grad():
+            return self.prefix(x)
+
+    def parameters(self) -> Tuple[int, int]:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return trainable, total
+
+
+def _initial_weights(cfg: FinetuneConfig, seed: int) -> backbone.Weights:
+    # From scratch means random init whatever --weights says: the control of the protocol.
+    return backbone.resolve_weights("random" if cfg.mode == "scratch" else cfg.weights, seed)
+
+
+def _build(weights: backbone.Weights, classes: List[str], cfg: FinetuneConfig, seed: int,
+           device: torch.device) -> _Net:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the new fc layer's init
+        model = backbone.build_model(weights, num_classes=len(classes))
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return _Net(model, cfg.mode, cfg.trainable_from, cfg.bn)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _mix(*values: int) -> int:
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """Yields ``(index, augmentation seed)``: a permutation and seeds fixed by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        order = torch.randperm(self.n, generator=g).tolist()
+        seeds = torch.randint(0, 2 ** 62, (self.n,), generator=g).tolist()
+        return iter(zip(order, seeds))
+
+
+class _AugmentedDataset(data.ImageDataset):
+    """Training images whose random augmentation is seeded per sample (worker-count independent)."""
+
+    def __getitem__(self, key):
+        index, aug_seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(aug_seed)
+            return super().__getitem__(index)
+
+
+def _worker_init(worker_id: int) -> None:
+    # Augmentations are seeded per sample; seed the other libraries too, in case a
+    # transform ever uses them.
+    seed = torch.initial_seed() % 2 ** 32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+@dataclass
+class _Loaders:
+    train: torch.utils.data.DataLoader
+    val: torch.utils.data.DataLoader
+    sampler: _EpochSampler
+    generator: torch.Generator
+    val_items: List[data.Item]
+    n_train: int
+
+
+def _loaders(cfg: FinetuneConfig, root: str, splits: Dict[str, List[data.Item]], seed: int,
+             device: torch.device, net: _Net) -> _Loaders:
+    workers = default_workers(device) if cfg.workers < 0 else cfg.workers
+    big = max(cfg.batch_size, default_batch_size(device))
+    # Frozen-prefix modes load chunks of whole optimiser batches, so the prefix runs batched.
+    train_batch = (big // cfg.batch_size) * cfg.batch_size if net.chunked else cfg.batch_size
+    sampler = _EpochSampler(len(splits["train"]), seed)
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+                  persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    train = torch.utils.data.DataLoader(
+        _AugmentedDataset(root, splits["train"], data.train_transform()), batch_size=train_batch,
+        sampler=sampler, generator=generator, **common)
+    val = torch.utils.data.DataLoader(
+        data.ImageDataset(root, splits["val"], data.eval_transform()), batch_size=big, shuffle=False,
+        **common)
+    return _Loaders(train, val, sampler, generator, list(splits["val"]), len(splits["train"]))
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+@dataclass
+class _Step:
+    """What one optimiser step needs."""
+
+    net: _Net
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    device: torch.device
+    precision: str
+    channels_last: bool
+    batch_size: int
+
+
+def _to_device(images: torch.Tensor, s: _Step) -> torch.Tensor:
+    x = images.to(s.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
+
+
+def _train_epoch(s: _Step, loader: torch.utils.data.DataLoader, bar) -> Tuple[float, float]:
+    """One pass over train; returns (mean loss, accuracy). One host sync per progress update."""
+    s.net.train_mode()
+    loss_sum = torch.zeros((), device=s.device)
+    correct = torch.zeros((), dtype=torch.int64, device=s.device)
+    seen, shown = 0, time.perf_counter()
+    for images, labels in loader:
+        x, y = _to_device(images, s), labels.to(s.device, non_blocking=True)
+        with backbone.autocast(s.device, s.precision):
+            feats = s.net.features(x)
+        for start in range(0, y.shape[0], s.batch_size):
+            f, t = feats[start:start + s.batch_size], y[start:start + s.batch_size]
+            with backbone.autocast(s.device, s.precision):
+                out = s.net.trainable(f)
+            loss = F.cross_entropy(out.float(), t)
+            s.optimizer.zero_grad(set_to_none=True)
+            if s.scaler is not None:
+                s.scaler.scale(loss).backward()
+                s.scaler.step(s.optimizer)
+                s.scaler.update()
+            else:
+                loss.backward()
+                s.optimizer.step()
+            loss_sum += loss.detach() * t.shape[0]
+            correct += (out.detach().argmax(1) == t).sum()
+            seen += t.shape[0]
+        bar.update(y.shape[0])
+        if not bar.disable and time.perf_counter() - shown > 0.5:
+            shown = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+def _evaluate(s: _Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss, predictions and probabilities on a split, in eval mode under inference_mode."""
+    was_training = s.net.model.training
+    s.net.model.eval()
+    logits, labels = [], []
+    try:
+        with torch.inference_mode(), backbone.autocast(s.device, s.precision):
+            for images, y in loader:
+                logits.append(s.net.trainable(s.net.features(_to_device(images, s))).float())
+                labels.append(y.to(s.device, non_blocking=True))
+    finally:
+        s.net.model.train(was_training)
+    out, y = torch.cat(logits), torch.cat(labels)
+    loss = F.cross_entropy(out, y).item()
+    return loss, out.argmax(1).cpu().numpy(), out.softmax(1).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _atomic(path: str, write) -> None:
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _save_pt(obj: dict, path: str) -> None:
+    _atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def _save_json(obj: dict, path: str) -> None:
+    _atomic(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode("utf-8")))
+
+
+def _load_pt(path: str) -> Optional[dict]:
+    """A checkpoint of this project, on CPU whatever device saved it; None when unusable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged file is not worth resuming from: start over
+        log.warning("ignoring unreadable checkpoint %s (%s)", path, type(exc).__name__)
+        return None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != RUN_FORMAT \
+            or ckpt.get("format_version") != RUN_FORMAT_VERSION:
+        return None
+    return ckpt
+
+
+def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _rng_state(loaders: _Loaders, device: torch.device) -> dict:
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+        "loader_generator": loaders.generator.get_state(),
+        "sampler": {"seed": loaders.sampler.seed, "epoch": loaders.sampler.epoch},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict, loaders: _Loaders, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
+                         npst["has_gauss"], npst["cached_gaussian"]))
+    random.setstate(state["python"])
+    loaders.generator.set_state(state["loader_generator"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _items_digest(root: str, items: Sequence[data.Item]) -> str:
+    """Paths, labels and file stats: a changed image means a different run."""
+    h = hashlib.sha256()
+    for item in items:
+        st = os.stat(os.path.join(root, item.relpath))
+        h.update(f"{item.relpath}\0{item.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def _settings(cfg: FinetuneConfig, seed: int, weights: backbone.Weights, dataset: data.DataSet,
+              splits: Dict[str, List[data.Item]], device: torch.device, precision: str) -> dict:
+    """Everything that shapes the trajectory of a run (not the epoch count, not the workers)."""
+    return {
+        "format_version": RUN_FORMAT_VERSION,
+        "backbone": backbone.BACKBONE,
+        "mode": cfg.mode,
+        "trainable_from": cfg.trainable_from if cfg.mode == "partial" else None,
+        "bn": cfg.bn,
+        "seed": seed,
+        "weights_sha256": weights.sha256,
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay, "step_size": cfg.step_size, "gamma": cfg.gamma,
+        "precision": precision, "device_type": device.type, "channels_last": cfg.channels_last,
+        "chunk": default_batch_size(device),
+        "transform": {"train": repr(data.train_transform()), "eval": repr(data.eval_transform())},
+        "data_root": dataset.root,
+        "classes": dataset.classes,
+        "data": {split: _items_digest(dataset.root, items) for split, items in splits.items()},
+    }
+
+
+def _resolved_config(cfg: FinetuneConfig, seed: int, weights: backbone.Weights, device: torch.device,
+                     precision: str, loaders: _Loaders) -> dict:
+    resolved = dataclasses.asdict(cfg)
+    resolved.update(seed=seed, seeds=list(cfg.seeds), device=str(device), precision=precision,
+                    weights=weights.spec, weights_id=weights.id, workers=loaders.train.num_workers,
+                    data=os.path.abspath(cfg.data), cache=os.path.abspath(cfg.cache))
+    return resolved
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        tqdm.write(message, file=sys.stderr)
+    else:
+        log.info(message)
+
+
+def _clear(directory: str) -> None:
+    # metrics.json goes first: from then on the run is visibly unfinished.
+    for name in _FILES:
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _existing(directory: str, key: str, epochs: int) -> Tuple[Optional[dict], Optional[dict]]:
+    """(complete metrics, resumable checkpoint) of a previous run with the same settings."""
+    ckpt = _load_pt(os.path.join(directory, "last.pt"))
+    if ckpt is None:
+        _clear(directory)
+        return None, None
+    if ckpt.get("key") != key:
+        log.info("settings changed since %s was saved: starting over", directory)
+        _clear(directory)
+        return None, None
+    if ckpt["epoch"] > epochs:
+        log.info("%s already has %d epochs, more than the %d asked: starting over", directory,
+                 ckpt["epoch"], epochs)
+        _clear(directory)
+        return None, None
+    try:
+        with open(os.path.join(directory, "metrics.json"), encoding="utf-8") as fh:
+            done = json.load(fh)
+    except (OSError, ValueError):
+        done = None
+    if done and done.get("complete") and done.get("key") == key and done.get("epochs") == epochs \
+            and ckpt["epoch"] == epochs:
+        return done, ckpt
+    path = os.path.join(directory, "metrics.json")
+    if os.path.exists(path):
+        os.remove(path)  # about to train further: the old result is no longer the run's
+    return None, ckpt
+
+
+def _run_one(cfg: FinetuneConfig, seed: int, dataset: data.DataSet, splits: Dict[str, List[data.Item]],
+             skipped: List[dict], device: torch.device, precision: str) -> RunResult:
+    name = run_name(cfg.mode, seed)
+    directory = run_dir(cfg.cache, cfg.mode, seed)
+    os.makedirs(directory, exist_ok=True)
+    weights = _initial_weights(cfg, seed)
+    settings = _settings(cfg, seed, weights, dataset, splits, device, precision)
+    key = store.settings_key(settings)
+    with FileLock(os.path.join(directory, ".lock")):
+        if cfg.rebuild:
+            _clear(directory)
+        done, ckpt = _existing(directory, key, cfg.epochs)
+        if done is not None:
+            return RunResult(name, directory, done, up_to_date=True)
+        return _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, skipped,
+                      device, precision, ckpt)
+
+
+def _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, skipped, device,
+           precision, ckpt) -> RunResult:
+    net = _build(weights, dataset.classes, cfg, seed, device)
+    params = [p for p in net.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, foreach=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    loaders = _loaders(cfg, dataset.root, splits, seed, device, net)
+    history: List[dict] = []
+    best_acc, best_epoch, start = -1.0, 0, 0
+    if ckpt is not None:
+        net.model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        history, best_acc, best_epoch, start = ckpt["history"], ckpt["best_acc"], ckpt["best_epoch"], ckpt["epoch"]
+        _restore_rng(ckpt["rng"], loaders, device)
+        _say(f"{name}: resuming after epoch {start} of {cfg.epochs} from {directory}/last.pt", cfg.progress)
+    net.finalize(cfg.channels_last)
+    step = _Step(net, optimizer, scaler, device, precision, cfg.channels_last, cfg.batch_size)
+    resolved = _resolved_config(cfg, seed, weights, device, precision, loaders)
+    meta = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "key": key, "name": name,
+            "mode": cfg.mode, "classes": dataset.classes, "config": resolved, "weights_id": weights.id,
+            "pretrained": weights.pretrained}
+    y_val = np.array([item.label for item in loaders.val_items])
+    for epoch in range(start, cfg.epochs):
+        history.append(_epoch(step, loaders, scheduler, epoch, cfg, name, y_val, device))
+        if history[-1]["val_acc"] > best_acc:
+            best_acc, best_epoch = history[-1]["val_acc"], epoch + 1
+            _save_pt(dict(meta, model=_cpu_state(net.model), epoch=best_epoch, val_acc=best_acc),
+                     os.path.join(directory, "best.pt"))
+        _save_json({"epochs": history}, os.path.join(directory, "history.json"))
+        _save_pt(dict(meta, model=_cpu_state(net.model), optimizer=optimizer.state_dict(),
+                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                      epoch=epoch + 1, best_acc=best_acc, best_epoch=best_epoch, history=history,
+                      rng=_rng_state(loaders, device)),
+                 os.path.join(directory, "last.pt"))
+    result = _finish(step, loaders, dataset, directory, meta, settings, history, best_epoch, skipped,
+                     weights, device, precision, net, cfg, seed)
+    return RunResult(name, directory, result, resumed_from=start)
+
+
+def _epoch(step: _Step, loaders: _Loaders, scheduler, epoch: int, cfg: FinetuneConfig, name: str,
+           y_val: np.ndarray, device: torch.device) -> dict:
+    started = time.perf_counter()
+    lr = step.optimizer.param_groups[0]["lr"]
+    loaders.sampler.set_epoch(epoch)
+    bar = tqdm(total=loaders.n_train, unit="img", desc=f"{name} {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not cfg.progress, dynamic_ncols=True)
+    try:
+        train_loss, train_acc = _train_epoch(step, loaders.train, bar)
+    finally:
+        bar.close()
+    scheduler.step()
+    train_seconds = time.perf_counter() - started
+    val_loss, pred, _ = _evaluate(step, loaders.val)
+    val_acc = float((pred == y_val).mean())
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    _say(f"{name} epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+         f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2g}  {seconds:.1f} s", cfg.progress)
+    return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+            "val_acc": val_acc, "lr": lr, "seconds": seconds, "train_seconds": train_seconds}
+
+
+def _finish(step, loaders, dataset, directory, meta, settings, history, best_epoch, skipped, weights,
+            device, precision, net, cfg, seed) -> dict:
+    """Evaluate the best model on val and write metrics.json (last: it marks the run complete)."""
+    best_path = os.path.join(directory, "best.pt")
+    net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    started = time.perf_counter()
+    _, pred, proba = _evaluate(step, loaders.val)
+    predict_seconds = time.perf_counter() - started
+    items = loaders.val_items
+    result = metrics.evaluate([i.label for i in items], pred, dataset.classes,
+                              paths=[i.relpath for i in items], proba=proba)
+    trainable, total = net.parameters()
+    train_seconds = sum(h.get("train_seconds", h["seconds"]) for h in history)
+    out = {
+        "kind": "run",
+        "name": meta["name"],
+        "mode": cfg.mode,
+        "seed": seed,
+        "metrics": result,
+        "best_epoch": best_epoch,
+        "epochs": len(history),
+        "total_seconds": float(sum(h["seconds"] for h in history)),
+        "epoch_seconds": [h["seconds"] for h in history],
+        "images_per_s": loaders.n_train * len(history) / train_seconds if train_seconds else 0.0,
+        "predict_ms_per_image": 1000.0 * predict_seconds / max(1, len(items)),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "device": str(device),
+        "precision": precision,
+        "weights_id": weights.id,
+        "weights_sha256": weights.sha256,
+        "pretrained": weights.pretrained,
+        "classes": dataset.classes,
+        "data_root": dataset.root,
+        "config": meta["config"],
+        "versions": store.library_versions(),
+        "size_bytes": os.path.getsize(best_path),
+        "skipped": skipped,
+        "key": meta["key"],
+        "settings": settings,
+        "complete": True,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _save_json(out, os.path.join(directory, "metrics.json"))
+    return out

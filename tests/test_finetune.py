@@ -1,0 +1,249 @@
+"""Stage 3: end-to-end training — learning, output schema, freezing, BatchNorm, resume, weights, CLI."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import backbone, cli, config, finetune
+from pipeline.config import FinetuneConfig
+from pipeline.errors import UserError
+from tests.conftest import make_dataset
+
+METRICS_KEYS = {
+    "kind", "name", "mode", "seed", "metrics", "best_epoch", "epochs", "total_seconds", "epoch_seconds",
+    "images_per_s", "predict_ms_per_image", "trainable_parameters", "total_parameters", "device",
+    "precision", "weights_id", "weights_sha256", "pretrained", "classes", "data_root", "config",
+    "versions", "size_bytes", "complete", "created",
+}
+HISTORY_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+FROZEN_BY = {"fixed": ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4."),
+             "partial": ("conv1.", "bn1.", "layer1.", "layer2.")}  # partial: --trainable-from layer3
+
+
+@pytest.fixture(autouse=True)
+def _small_and_single_threaded(monkeypatch):
+    """32-pixel crops keep a ResNet18 step cheap; one thread avoids OpenMP stalls on busy cores."""
+    monkeypatch.setitem(config.PREPROCESS, "resize", 40)
+    monkeypatch.setitem(config.PREPROCESS, "crop", 32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg(data, cache, **kw) -> FinetuneConfig:
+    kw.setdefault("workers", 0)
+    kw.setdefault("epochs", 2)
+    return FinetuneConfig(data=str(data), cache=str(cache), weights=kw.pop("weights", "random"),
+                          device="cpu", progress=False, **kw)
+
+
+def _model(run_dir, name="last.pt") -> dict:
+    return torch.load(os.path.join(run_dir, name), map_location="cpu", weights_only=True)["model"]
+
+
+def _json(run_dir, name):
+    with open(os.path.join(run_dir, name), encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _same_trajectory(a: dict, b: dict) -> None:
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert [e[key] for e in a["epochs"]] == [e[key] for e in b["epochs"]], key
+
+
+def test_finetune_learns_and_writes_the_schema(tiny_data, tmp_path):
+    result = finetune.run(_cfg(tiny_data, tmp_path / "c", lr=0.01))
+    run = result.runs[0]
+    assert run.path == str(tmp_path / "c" / "runs" / "finetune")
+    assert sorted(f for f in os.listdir(run.path) if not f.startswith(".")) == [
+        "best.pt", "history.json", "last.pt", "metrics.json"]
+
+    history = _json(run.path, "history.json")
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert all(HISTORY_KEYS <= set(e) for e in history["epochs"])
+    assert history["epochs"][1]["train_loss"] < history["epochs"][0]["train_loss"]  # loss falls
+
+    m = _json(run.path, "metrics.json")
+    assert METRICS_KEYS <= set(m)
+    assert (m["kind"], m["name"], m["mode"], m["seed"], m["complete"]) == ("run", "finetune", "finetune", 0, True)
+    assert m["epochs"] == 2 and len(m["epoch_seconds"]) == 2 and 1 <= m["best_epoch"] <= 2
+    assert m["weights_id"] == "random-seed0" and m["pretrained"] is False  # labelled: not pretrained
+    assert m["classes"] == ["ants", "bees"] and m["data_root"] == str(tiny_data.resolve())
+    assert m["trainable_parameters"] == m["total_parameters"] > 11_000_000
+    assert m["size_bytes"] == os.path.getsize(os.path.join(run.path, "best.pt"))
+    assert m["device"] == "cpu" and m["precision"] == "fp32" and m["images_per_s"] > 0
+    assert m["config"]["mode"] == "finetune" and m["config"]["lr"] == 0.01 and "torch" in m["versions"]
+    acc = m["metrics"]
+    assert acc["n"] == 8 and acc["predictions"]["paths"][0] == "val/ants/img_000.jpg"
+    best_val = max(e["val_acc"] for e in history["epochs"])
+    assert acc["accuracy"] == best_val == history["epochs"][m["best_epoch"] - 1]["val_acc"]
+    low, high = acc["accuracy_ci95"]
+    assert low <= acc["accuracy"] <= high and len(acc["confusion_matrix"]) == 2
+    assert "not pretrained" in result.summary()
+
+    # Every parameter moved; best.pt is a state_dict file that --weights PATH accepts.
+    initial = backbone.resolve_weights("random", 0).state_dict
+    last = _model(run.path)
+    assert all(not torch.equal(last[k], initial[k]) for k in initial if k.endswith(".weight") and "fc" not in k)
+    weights = backbone.resolve_weights(os.path.join(run.path, "best.pt"))
+    assert weights.pretrained and weights.state_dict["fc.weight"].shape == (2, 512)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "partial"])
+def test_frozen_layers_and_their_batchnorm_statistics_do_not_change(tiny_data, tmp_path, mode):
+    run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode=mode, trainable_from="layer3")).runs[0]
+    initial = backbone.resolve_weights("random", 0).state_dict
+    last = _model(run.path)
+    frozen = [k for k in initial if k.startswith(FROZEN_BY[mode])]
+    trained = [k for k in initial if k not in frozen and k.endswith(".weight") and not k.startswith("fc.")]
+    assert any("running_mean" in k for k in frozen)
+    assert all(torch.equal(last[k], initial[k]) for k in frozen)  # weights and BN running statistics
+    assert all(not torch.equal(last[k], initial[k]) for k in trained)
+    m = run.metrics
+    expected = 2 * 512 + 2 if mode == "fixed" else m["total_parameters"] - sum(
+        initial[k].numel() for k in frozen if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert m["trainable_parameters"] == expected
+
+
+def test_bn_train_reproduces_the_tutorial_drift(tiny_data, tmp_path):
+    run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode="fixed", bn="train", epochs=1)).runs[0]
+    initial = backbone.resolve_weights("random", 0).state_dict
+    last = _model(run.path)
+    assert torch.equal(last["conv1.weight"], initial["conv1.weight"])  # still frozen...
+    assert not torch.equal(last["bn1.running_mean"], initial["bn1.running_mean"])  # ...but statistics drift
+    assert run.metrics["config"]["bn"] == "train"
+
+
+def test_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    straight = finetune.run(_cfg(tiny_data, tmp_path / "a")).runs[0]
+
+    # 1 epoch, then asked for 2: resumes from last.pt (here with a loader process).
+    first = finetune.run(_cfg(tiny_data, tmp_path / "b", epochs=1)).runs[0]
+    assert first.metrics["epochs"] == 1
+    resumed = finetune.run(_cfg(tiny_data, tmp_path / "b", workers=1)).runs[0]
+    assert resumed.resumed_from == 1
+
+    # Interrupted in epoch 2: nothing looks complete; the rerun resumes after epoch 1.
+    calls = {"n": 0}
+    real = finetune._train_epoch
+
+    def interrupt_second(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(finetune, "_train_epoch", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        finetune.run(_cfg(tiny_data, tmp_path / "i"))
+    run_i = tmp_path / "i" / "runs" / "finetune"
+    assert not (run_i / "metrics.json").exists()
+    assert torch.load(run_i / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(finetune, "_train_epoch", real)
+    interrupted = finetune.run(_cfg(tiny_data, tmp_path / "i")).runs[0]
+    assert interrupted.resumed_from == 1
+
+    expected = _model(straight.path)
+    for other in (resumed, interrupted):
+        got = _model(other.path)
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        _same_trajectory(_json(other.path, "history.json"), _json(straight.path, "history.json"))
+        assert other.metrics["metrics"]["predictions"] == straight.metrics["metrics"]["predictions"]
+        assert other.metrics["best_epoch"] == straight.metrics["best_epoch"]
+
+
+def test_complete_run_is_reused_and_changed_settings_start_over(tiny_data, tmp_path):
+    cfg = _cfg(tiny_data, tmp_path / "c", mode="fixed", epochs=1)
+    finetune.run(cfg)
+    again = finetune.run(replace(cfg, workers=1)).runs[0]  # workers never change results
+    assert again.up_to_date and "up to date" in again.summary()
+    changed = finetune.run(replace(cfg, lr=0.05)).runs[0]
+    assert not changed.up_to_date and changed.resumed_from == 0
+    assert _json(changed.path, "history.json")["epochs"][0]["lr"] == 0.05
+    rebuilt = finetune.run(replace(cfg, lr=0.05, rebuild=True)).runs[0]
+    assert not rebuilt.up_to_date and rebuilt.resumed_from == 0
+
+
+def test_three_weights_sources(tiny_data, tmp_path, monkeypatch):
+    # PATH: a plain state_dict file.
+    torch.manual_seed(7)
+    sd = backbone.build_model(None).state_dict()
+    path = tmp_path / "my_weights.pt"
+    torch.save(sd, path)
+    run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode="fixed", epochs=1, weights=str(path))).runs[0]
+    assert run.metrics["weights_id"] == "file:my_weights.pt" and run.metrics["pretrained"] is True
+    assert run.metrics["weights_sha256"] == backbone.state_dict_sha256(sd)
+    assert torch.equal(_model(run.path)["layer1.0.conv1.weight"], sd["layer1.0.conv1.weight"])
+
+    # imagenet: read from torch's hub cache (TORCH_HOME is a temporary folder in tests).
+    with pytest.raises(UserError, match="not cached"):
+        finetune.run(_cfg(tiny_data, tmp_path / "d", mode="fixed", epochs=1, weights="imagenet"))
+    target = backbone.imagenet_cache_file()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    torch.save(sd, target)
+    run = finetune.run(_cfg(tiny_data, tmp_path / "d", mode="fixed", epochs=1, weights="imagenet")).runs[0]
+    assert run.metrics["weights_id"] == "imagenet" and run.metrics["pretrained"] is True
+    assert run.metrics["weights_sha256"] == backbone.state_dict_sha256(sd)
+
+    # scratch ignores --weights: seeded random init, labelled not pretrained.
+    run = finetune.run(_cfg(tiny_data, tmp_path / "e", mode="scratch", epochs=1, seed=3,
+                            weights="imagenet")).runs[0]
+    assert run.path.endswith("scratch-3") and run.metrics["weights_id"] == "random-seed3"
+    assert run.metrics["pretrained"] is False
+    assert run.metrics["weights_sha256"] == backbone.resolve_weights("random", 3).sha256
+
+
+def test_cli_seeds_mean_std_and_undecodable_images(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", n_train=4, n_val=3)
+    (data / "train" / "ants" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (data / "val" / "bees" / "empty.png").write_bytes(b"")
+    code = cli.main(["finetune", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "random",
+                     "--device", "cpu", "--mode", "fixed", "--epochs", "1", "--seeds", "0,1",
+                     "--workers", "0", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "±" in out and "not pretrained" in out and "broken.jpg" in out
+    for name in ("fixed", "fixed-1"):
+        m = _json(tmp_path / "c" / "runs" / name, "metrics.json")
+        assert m["seed"] == (0 if name == "fixed" else 1) and m["metrics"]["n"] == 6
+        assert sorted(s["path"] for s in m["skipped"]) == ["train/ants/broken.jpg", "val/bees/empty.png"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "frozen"], "--mode 'frozen' is not recognised"),
+    (["--mode", "partial", "--trainable-from", "layer9"], "--trainable-from 'layer9'"),
+    (["--bn", "drift"], "--bn 'drift'"),
+    (["--epochs", "0"], "--epochs 0 must be >= 1"),
+    (["--seeds", "0,x"], "comma-separated"),
+    (["--weights", "no/such/file.pt"], "no such file"),
+])
+def test_cli_user_errors_exit_2_with_one_line(tiny_data, tmp_path, capsys, args, message):
+    code = cli.main(["finetune", "--data", str(tiny_data), "--cache", str(tmp_path / "c"),
+                     "--weights", "random", "--no-progress"] + args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_help_lists_every_hyper_parameter(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--mode", "--trainable-from", "--bn", "--epochs", "--batch-size", "--lr", "--momentum",
+                   "--weight-decay", "--step-size", "--gamma", "--seed", "--seeds", "--weights", "--device",
+                   "--precision", "--rebuild"):
+        assert option in out
+
+
+@pytest.mark.slow
+def test_fixed_mode_on_the_real_data_set(real_data, tmp_path, monkeypatch):
+    monkeypatch.setitem(config.PREPROCESS, "resize", 256)
+    monkeypatch.setitem(config.PREPROCESS, "crop", 224)
+    run = finetune.run(_cfg(real_data, tmp_path / "c", mode="fixed", epochs=1, workers=1)).runs[0]
+    assert run.metrics["metrics"]["n"] == 153 and run.metrics["pretrained"] is False
