@@ -94,6 +94,7 @@ class Result:
     extract_seconds: float = 0.0  # heads: the whole extraction of their feature cache
     features_path: str = ""  # heads: the feature cache they were fitted on
     features_key: str = ""  # heads: content key of that cache
+    used_views: bool = False  # heads: also trained on cached augmented views
     history: Optional[dict] = None  # runs: history.json
     issue: str = ""  # why it is not comparable with the reference ("" when it is)
 
@@ -181,6 +182,7 @@ def _load_head(path: str, doc: dict) -> Result:
         trainable_parameters=doc.get("trainable_parameters"),
         device=str(feats.get("extract_device", "")), extract_seconds=extract,
         features_path=str(feats.get("path", "")), features_key=str(feats.get("content_key", "")),
+        used_views=bool(doc.get("used_views", False)),
     )
 
 
@@ -241,7 +243,9 @@ def load_results(cache: str) -> Tuple[List[Result], List[dict]]:
             else:
                 raise _Skip(f"kind {kind!r}; expected 'head' or 'run'")
         except (_Skip, OSError, ValueError, TypeError, KeyError) as exc:
-            reason = str(exc) if isinstance(exc, _Skip) else f"unreadable ({type(exc).__name__}: {exc})"
+            reason = str(exc) if isinstance(exc, _Skip) else (
+                f"unreadable ({type(exc).__name__}: {exc}); delete it or rerun the stage that wrote it "
+                "(make heads / make finetune)")
             warnings.warn(f"ignoring {path}: {reason}")
             skipped.append({"path": path, "reason": reason})
     return results, skipped
@@ -414,7 +418,7 @@ def _make_rows(results: List[Result]) -> List[Row]:
 
 
 def _disambiguate(rows: List[Row]) -> None:
-    """Make labels unique: add the weights, then the epochs, then the file name."""
+    """Make labels unique: add the weights, then augmented views / epochs, then the file name."""
     def clashes():
         counts = Counter(r.label for r in rows)
         return [r for r in rows if counts[r.label] > 1]
@@ -424,6 +428,8 @@ def _disambiguate(rows: List[Row]) -> None:
     for r in clashes():
         if r.kind == "run" and r.results[0].epochs is not None:
             r.label += f" {r.results[0].epochs} ep"
+        elif r.kind == "head" and r.results[0].used_views:
+            r.label += " +views"
     for r in clashes():
         r.label += f" ({os.path.basename(r.results[0].source)})"
 

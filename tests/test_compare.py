@@ -382,6 +382,19 @@ def test_equal_accuracy_best_is_the_cheaper_one(tmp_path, tiny_data, monkeypatch
     assert res.rows[1].discordant == (1, 1) and res.rows[1].mark == "not significantly different"
 
 
+def test_same_method_on_other_weights_gets_distinct_labels(tmp_path, tiny_data, monkeypatch):
+    _no_figures(monkeypatch)
+    cache = tmp_path / "cache"
+    items = _val_items(tiny_data)
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data))
+    path = write_head(cache, "logistic", items, (1, 2), data_root=str(tiny_data), weights_id="random-seed0",
+                      pretrained=False)
+    path.rename(path.with_name("logistic-random.json"))
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data))
+    res = compare.run(_cfg(tmp_path, cache))
+    assert sorted(r.label for r in res.rows) == ["logistic [imagenet]", "logistic [random-seed0 (not pretrained)]"]
+
+
 # --------------------------------------------------------------------------- figures on their own
 
 
@@ -420,6 +433,10 @@ def test_cli_compare_prints_the_table(tmp_path, results, monkeypatch, capsys):
     assert (tmp_path / "rep" / "compare.md").is_file()
     assert cli.main(["compare", "--cache", str(tmp_path / "none"), "--reports", str(tmp_path / "r")]) == 2
     assert "no head or run results" in capsys.readouterr().err
+    (cache / "heads" / "broken.json").write_text("{")
+    assert cli.main(["compare", "--cache", str(cache), "--reports", str(tmp_path / "rep")]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ignoring ") and "broken.json" in err and "Traceback" not in err
 
 
 def test_cli_compare_help_lists_options(capsys):
