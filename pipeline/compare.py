@@ -823,7 +823,11 @@ def run(cfg: CompareConfig) -> CompareResult:
                         alpha=cfg.alpha)
     res.table = markdown_table(_HEADER, [_table_cells(r) for r in rows])
 
-    os.makedirs(cfg.reports, exist_ok=True)
+    try:
+        os.makedirs(cfg.reports, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the reports folder {cfg.reports!r} ({exc.strerror}); "
+                        "pass --reports DIR pointing at a writable folder") from None
     res.outputs = {name: os.path.join(cfg.reports, f"compare.{name}") for name in ("md", "csv", "json")}
     res.figures = _figures(res, cfg.reports, cfg.data)
     _atomic_write(res.outputs["csv"], _csv_text(res))
