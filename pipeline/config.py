@@ -73,12 +73,15 @@ class HeadsConfig:
     device: str = "auto"
     views: int = 0
     features: str = ""  # explicit feature cache file; default: the one `features` makes
+    # Optional baselines (not in the default suite): knn, nearest_centroid; "all" selects every head.
     heads: tuple = ("logistic", "sgd_log", "sgd_hinge", "linear_svm", "ridge")
-    use_views: bool = False
-    cv_folds: int = 5
+    use_views: bool = False  # train on the cached augmented views too (grouped CV by image)
+    cv_folds: int = 5  # stratified k-fold on train only; val is never used for a choice
     seed: int = 0
-    out_of_core: bool = False
-    chunk_rows: int = 4096
+    out_of_core: bool = False  # SGD heads stream HDF5 chunks into partial_fit
+    chunk_rows: int = 4096  # rows per partial_fit step (out-of-core)
+    epochs: int = 5  # passes over the train split (out-of-core SGD)
+    jobs: int = 1  # cross-validation folds fitted in parallel (threads)
     format: str = "joblib"  # joblib | skops
     rebuild: bool = False
 
@@ -127,9 +130,10 @@ class CompareConfig:
 class PredictConfig:
     """Classify new images with a saved head."""
 
-    head: str = ""
+    head: str = ""  # a head name under <cache>/heads/, or the path of its .json / model file
     inputs: tuple = field(default_factory=tuple)
     cache: str = DEFAULT_CACHE_DIR
     device: str = "auto"
     batch_size: int = 0
     format: str = "table"  # table | csv | json
+    weights: str = ""  # backbone weights; default: those the head's features were made with

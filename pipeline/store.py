@@ -253,12 +253,18 @@ def read_split(path: str, split: str, views: bool = False) -> Tuple[np.ndarray, 
     return feats, labels, paths, view_arr
 
 
-def iter_split_chunks(path: str, split: str, chunk_rows: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
-    """Stream ``(features, labels)`` of one split in row chunks, for out-of-core training."""
+def iter_split_chunks(path: str, split: str, chunk_rows: int,
+                      order: Optional[Iterable[int]] = None) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """Stream ``(features, labels)`` of one split in row chunks, for out-of-core training.
+
+    ``order``: chunk indices to read, in that order (chunk ``i`` holds rows
+    ``i * chunk_rows`` up to the next chunk), e.g. a shuffled permutation; default sequential.
+    """
     with _open(path) as f:
         g = f[split]
         n = int(g.attrs["n"])
-        for start in range(0, n, chunk_rows):
+        for i in (range(-(-n // chunk_rows)) if order is None else order):
+            start = int(i) * chunk_rows
             stop = min(n, start + chunk_rows)
             yield g["features"][start:stop], g["labels"][start:stop]
 

@@ -1,0 +1,140 @@
+"""Classify new images with a saved head: ``python -m pipeline predict --head NAME IMAGE_OR_DIR…``.
+
+The head's sidecar names the backbone weights its features came from; the same frozen
+network (checked by sha256) computes features of the new images in batched forward passes,
+with the preprocessing of the cache. Files that cannot be decoded are reported, the rest
+are classified.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+from .config import PredictConfig
+from .errors import UserError
+
+__all__ = ["PredictResult", "run", "resolve_head", "FORMATS"]
+
+FORMATS = ("table", "csv", "json")
+
+
+@dataclass
+class PredictResult:
+    """Per image: ``{"path", "class", "probability"}`` (probability None when the head has none)."""
+
+    head: str
+    classes: List[str]
+    pretrained: bool
+    predictions: List[dict] = field(default_factory=list)
+    skipped: List[dict] = field(default_factory=list)  # {"path", "error"}
+
+    def render(self, fmt: str = "table") -> str:
+        if fmt == "json":
+            return json.dumps({"head": self.head, "classes": self.classes, "pretrained": self.pretrained,
+                               "predictions": self.predictions, "skipped": self.skipped}, indent=2)
+        if fmt == "csv":
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(["path", "class", "probability", "error"])
+            for p in self.predictions:
+                writer.writerow([p["path"], p["class"], "" if p["probability"] is None else f"{p['probability']:.6f}", ""])
+            for s in self.skipped:
+                writer.writerow([s["path"], "", "", s["error"]])
+            return buf.getvalue().rstrip("\n")
+        return self._table()
+
+    def _table(self) -> str:
+        lines = [f"head {self.head}" + ("" if self.pretrained else " (not pretrained: random backbone weights)")]
+        rows = [("path", "class", "probability")] + [
+            (p["path"], p["class"], "-" if p["probability"] is None else f"{p['probability']:.3f}")
+            for p in self.predictions]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        if self.predictions and self.predictions[0]["probability"] is None:
+            lines.append("  (this head gives no probabilities; logistic and sgd_log do)")
+        lines.append(f"  {len(self.predictions)} classified, {len(self.skipped)} skipped")
+        for s in self.skipped:
+            lines.append(f"  skipped {s['path']}: {s['error']}")
+        return "\n".join(lines)
+
+
+def resolve_head(head: str, cache: str) -> str:
+    """A head name (``logistic``) under ``<cache>/heads/``, or an explicit sidecar/model path."""
+    from .heads import heads_dir
+
+    if not head:
+        raise UserError(f"--head is required: a head name under {heads_dir(cache)!r} or a path; "
+                        f"{_available(cache)}")
+    if os.path.exists(head) or os.sep in head or head.endswith((".json", ".joblib", ".skops")):
+        return head
+    sidecar = os.path.join(heads_dir(cache), f"{head}.json")
+    if not os.path.exists(sidecar):
+        raise UserError(f"no head {head!r} under {heads_dir(cache)!r}; {_available(cache)}")
+    return sidecar
+
+
+def _available(cache: str) -> str:
+    from .heads import heads_dir
+
+    d = heads_dir(cache)
+    names = sorted(f[:-5] for f in os.listdir(d) if f.endswith(".json")) if os.path.isdir(d) else []
+    return f"available: {', '.join(names)}" if names else "none saved yet: run `make heads` first"
+
+
+def _weights_spec(cfg: PredictConfig, feats: dict) -> tuple:
+    """(spec, seed) that rebuild the backbone the head's features came from."""
+    if cfg.weights:
+        spec = cfg.weights
+    else:
+        spec = feats.get("weights_spec") or ""
+        if not spec:
+            raise UserError(f"the head's features came from weights {feats.get('weights_id')!r}, whose file this "
+                            "head does not record; pass --weights PATH (the same state_dict file)")
+    wid = str(feats.get("weights_id", ""))
+    seed = int(wid[len("random-seed"):]) if spec == "random" and wid.startswith("random-seed") else 0
+    return spec, seed
+
+
+def run(cfg: PredictConfig) -> PredictResult:
+    """Classify every image in ``cfg.inputs`` (files or folders, searched recursively)."""
+    from . import data, heads
+    from .sklearn_api import ResNet18Features
+
+    if cfg.format not in FORMATS:
+        raise UserError(f"--format {cfg.format!r}. Only {', '.join(FORMATS)} are supported.")
+    if cfg.batch_size < 0:
+        raise UserError(f"--batch-size {cfg.batch_size} must be >= 0 (0: automatic)")
+    if not cfg.inputs:
+        raise UserError("no input given: name image files or folders to classify")
+    head = heads.load_head(resolve_head(cfg.head, cfg.cache))
+    feats = head.meta["features"]
+    paths = data.collect_images(cfg.inputs)
+    if not paths:
+        raise UserError(f"no image files found in {list(cfg.inputs)}; give image files or folders that hold them")
+    spec, seed = _weights_spec(cfg, feats)
+    extractor = ResNet18Features(weights=spec, seed=seed, device=cfg.device, precision=feats.get("precision") or "auto",
+                                 batch_size=cfg.batch_size, draft=bool(feats.get("draft", True)))
+    try:
+        extractor.fit(paths)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if extractor.weights_sha256_ != feats.get("weights_sha256"):
+        raise UserError(f"weights {spec!r} ({extractor.weights_id_}) are not the weights head {head.name!r} was "
+                        f"fitted on ({feats.get('weights_id')}); pass --weights with the same weights")
+    X, ok, errors = extractor.extract(paths)
+    result = PredictResult(head.name, head.classes, bool(feats.get("pretrained", True)),
+                           skipped=[{"path": p, "error": e} for p, e in errors])
+    if len(ok):
+        pred = head.predict(X)
+        proba: Optional[np.ndarray] = head.predict_proba(X) if head.has_proba else None
+        for row, i in enumerate(ok):
+            p = None if proba is None else float(proba[row, int(pred[row])])
+            result.predictions.append({"path": paths[i], "class": head.classes[int(pred[row])], "probability": p})
+    return result
