@@ -46,6 +46,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", type=_seeds, default=d.seeds, metavar="S1,S2,...",
                    help="run once per seed (directories <mode>-<seed>) and report mean ± std; overrides --seed")
     p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes; -1: automatic")
+    p.add_argument("--threads", type=int, default=d.threads,
+                   help="CPU threads for the network; 0: automatic (the cores not already busy)")
     p.add_argument("--strict", action="store_true", help="an undecodable image is fatal instead of skipped")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or epoch lines")

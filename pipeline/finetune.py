@@ -95,8 +95,10 @@ class RunResult:
         else:
             per_epoch = sum(m["epoch_seconds"]) / max(1, len(m["epoch_seconds"]))
             resumed = f"; resumed after epoch {self.resumed_from}" if self.resumed_from else ""
+            n = m["config"].get("threads")
+            threads = f" ({n} thread{'s' if n != 1 else ''})" if m["device"] == "cpu" and n else ""
             lines.append(f"  time           {m['total_seconds']:.1f} s ({per_epoch:.2f} s/epoch, "
-                         f"{m['images_per_s']:.1f} train images/s) on {m['device']}, {m['precision']}{resumed}")
+                         f"{m['images_per_s']:.1f} train images/s) on {m['device']}{threads}, {m['precision']}{resumed}")
         lines.append(f"  parameters     {m['trainable_parameters']:,} trainable of {m['total_parameters']:,}")
         if not m["pretrained"]:
             lines.append("  NOTE           not pretrained (random init): not a transfer-learning result")
@@ -151,10 +153,25 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     dataset = data.discover(cfg.data)
     device = backbone.choose_device(cfg.device)
     precision = backbone.choose_precision(cfg.precision, device)
+    threads = cfg.threads or auto_threads()  # before our own work shows in the load average
     splits, skipped = _decodable(dataset, cfg.strict)
     seeds = tuple(cfg.seeds) or (cfg.seed,)
-    runs = [_run_one(cfg, seed, dataset, splits, skipped, device, precision) for seed in seeds]
+    runs = [_run_one(cfg, seed, dataset, splits, skipped, device, precision, threads) for seed in seeds]
     return FinetuneResult(runs, skipped)
+
+
+def auto_threads() -> int:
+    """Intra-op threads for the cores not already busy (torch's default on an idle machine).
+
+    OpenMP threads that outnumber the free cores stall at every parallel region's barrier;
+    on a shared machine that costs more than the extra thread brings.
+    """
+    default = torch.get_num_threads()
+    try:
+        busy = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return default
+    return max(1, min(default, int((os.cpu_count() or 1) - busy + 0.5)))
 
 
 def _validate(cfg: FinetuneConfig) -> None:
@@ -171,6 +188,7 @@ def _validate(cfg: FinetuneConfig) -> None:
         ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
         ("weight-decay", cfg.weight_decay >= 0, ">= 0"), ("step-size", cfg.step_size >= 1, ">= 1"),
         ("gamma", cfg.gamma > 0, "> 0"), ("workers", cfg.workers >= -1, ">= 0 (or -1 for automatic)"),
+        ("threads", cfg.threads >= 0, ">= 0 (0 for automatic)"),
         ("seed", cfg.seed >= 0, ">= 0"),
     ]
     for name, ok, rule in checks:
@@ -532,7 +550,8 @@ def _resolved_config(cfg: FinetuneConfig, seed: int, weights: backbone.Weights, 
     resolved = dataclasses.asdict(cfg)
     resolved.update(seed=seed, seeds=list(cfg.seeds), device=str(device), precision=precision,
                     weights=weights.spec, weights_id=weights.id, workers=loaders.train.num_workers,
-                    data=os.path.abspath(cfg.data), cache=os.path.abspath(cfg.cache))
+                    data=os.path.abspath(cfg.data), cache=os.path.abspath(cfg.cache),
+                    threads=torch.get_num_threads())
     return resolved
 
 
@@ -584,7 +603,7 @@ def _existing(directory: str, key: str, epochs: int) -> Tuple[Optional[dict], Op
 
 
 def _run_one(cfg: FinetuneConfig, seed: int, dataset: data.DataSet, splits: Dict[str, List[data.Item]],
-             skipped: List[dict], device: torch.device, precision: str) -> RunResult:
+             skipped: List[dict], device: torch.device, precision: str, threads: int) -> RunResult:
     name = run_name(cfg.mode, seed)
     directory = run_dir(cfg.cache, cfg.mode, seed)
     os.makedirs(directory, exist_ok=True)
@@ -597,8 +616,16 @@ def _run_one(cfg: FinetuneConfig, seed: int, dataset: data.DataSet, splits: Dict
         done, ckpt = _existing(directory, key, cfg.epochs)
         if done is not None:
             return RunResult(name, directory, done, up_to_date=True)
-        return _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, skipped,
-                      device, precision, ckpt)
+        # A resumed run keeps its thread count: CPU reductions split by thread, and
+        # bit-identical resumption needs the same split.
+        threads = ckpt["config"].get("threads", threads) if ckpt is not None else threads
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, skipped,
+                          device, precision, ckpt)
+        finally:
+            torch.set_num_threads(previous)
 
 
 def _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, skipped, device,
