@@ -153,32 +153,53 @@ def _newton(objective: Callable, w: np.ndarray, tol: float) -> Tuple[np.ndarray,
 
 def logistic_path(fold: Fold, Cs: Sequence[float]) -> Optional[Tuple[List[np.ndarray], int]]:
     """Test-fold predictions of binary ``LogisticRegression(C)`` (unpenalised intercept),
-    warm-started Newton along ``Cs``. Multiclass returns None (scikit-learn's lbfgs runs)."""
+    warm-started Newton along ``Cs``. Multiclass returns None (scikit-learn's lbfgs runs).
+
+    In the usual small-sample case the basis has ``r = n - 1`` columns, so ``A = [Z, 1]`` is
+    square and invertible (``Z``'s columns are orthogonal to 1 after centring) and Newton runs
+    on the training margins ``f = A w``: the penalty becomes ``f^T G f / 2`` with
+    ``G = U diag(1/s^2) U^T``, and the Hessian ``C diag(h) + G`` needs no matrix product.
+    """
     classes = np.unique(fold.y_train)
     if fold.Z_train is None or len(classes) != 2:
         return None
-    A, T = _with_bias(fold.Z_train), _with_bias(fold.Z_test)
     y = np.where(fold.y_train == classes[1], 1.0, -1.0)
-    reg = np.ones(A.shape[1])
-    reg[-1] = 0.0
-    w = np.zeros(A.shape[1])
+    n, r = fold.Z_train.shape
+    square = r == n - 1
+    if square:
+        G = (fold.U / fold.s ** 2) @ fold.U.T
+        Ut_test = fold.Z_test / fold.s  # test decisions: Z_test diag(1/s) U^T f + mean(f)
+    else:
+        A, reg = _with_bias(fold.Z_train), np.r_[np.ones(r), 0.0]
+    T = _with_bias(fold.Z_test)
+    w = np.zeros(n if square else r + 1)
     out, not_converged = [], 0
     for C in Cs:
         def objective(v, C=C):
-            m = y * (A @ v)
-            p = expit(-m)
-            f = C * np.logaddexp(0.0, -m).sum() + 0.5 * float(reg @ (v * v))
-            g = reg * v - C * (A.T @ (y * p))
+            m = y * (v if square else A @ v)
+            p = expit(-m)  # sigma(-margin): the loss gradient's weight
+            if square:
+                Gv = G @ v
+                f = C * np.logaddexp(0.0, -m).sum() + 0.5 * float(v @ Gv)
+                g = Gv - C * y * p
+            else:
+                f = C * np.logaddexp(0.0, -m).sum() + 0.5 * float(reg @ (v * v))
+                g = reg * v - C * (A.T @ (y * p))
 
             def solve(rhs):  # the Hessian only for accepted iterates, not line-search trials
-                H = (A.T * (C * p * (1.0 - p))) @ A
-                H[np.diag_indices_from(H)] += reg + 1e-10
+                if square:
+                    H = G.copy()
+                    H[np.diag_indices_from(H)] += C * p * (1.0 - p) + 1e-10
+                else:
+                    H = (A.T * (C * p * (1.0 - p))) @ A
+                    H[np.diag_indices_from(H)] += reg + 1e-10
                 return np.linalg.solve(H, rhs)
             return f, g, solve
 
-        w, ok = _newton(objective, w, 1e-12)
+        w, ok = _newton(objective, w, 1e-10)
         not_converged += not ok
-        out.append(classes[(T @ w > 0).astype(int)])
+        dec = Ut_test @ (fold.U.T @ w) + w.mean() if square else T @ w
+        out.append(classes[(dec > 0).astype(int)])
     return out, not_converged
 
 
@@ -205,7 +226,7 @@ def _l2svm_solve(A: np.ndarray, y: np.ndarray, Cs: Sequence[float]) -> Tuple[Lis
                 return np.linalg.solve(H, rhs)
             return f, g, solve
 
-        w, ok = _newton(objective, w, 1e-12)
+        w, ok = _newton(objective, w, 1e-10)
         not_converged += not ok
         weights.append(w.copy())
     return weights, not_converged
