@@ -145,17 +145,19 @@ def test_use_views_trains_on_views(tmp_path):
 # ----------------------------------------------------------------------------- exact CV paths
 
 
-def _fold(n_classes, seed=0, n=40, dim=60, m=30):
+def _fold(n_classes, seed=0, n=40, dim=60, m=30, duplicates=0):
     rng = np.random.default_rng(seed)
     means = rng.normal(0, 0.4, (n_classes, dim))
     y = np.arange(n) % n_classes
     yt = np.arange(m) % n_classes
     X = means[y] + rng.normal(size=(n, dim))
+    X[n - duplicates:] = X[:duplicates]  # the same image twice: a rank-deficient fold
+    y[n - duplicates:] = y[:duplicates]
     Xt = means[yt] + rng.normal(size=(m, dim))
     mu, sd = X.mean(0), X.std(0)
     fold = heads_cv.Fold(((X - mu) / sd).astype(np.float32), y, ((Xt - mu) / sd).astype(np.float32), yt)
     heads_cv._span_basis(fold)
-    assert fold.Z_train.shape == (n, n - 1)
+    assert fold.Z_train.shape == (n, n - 1 - duplicates)
     return fold
 
 
@@ -179,6 +181,26 @@ def test_fast_paths_match_sklearn_on_original_features(head, n_classes):
     for v, pred in zip(values, predictions):
         ref = reference(v).fit(fold.X_train.astype(np.float64), fold.y_train)
         np.testing.assert_array_equal(pred, ref.predict(fold.X_test.astype(np.float64)), err_msg=f"{head} {v}")
+
+
+@pytest.mark.parametrize("duplicates", [0, 4])
+def test_logistic_newton_in_margin_and_weight_space(duplicates):
+    """Square basis (margins) and rank-deficient fold (weights) both reproduce lbfgs."""
+    fold = _fold(2, seed=11, duplicates=duplicates)
+    Cs = [1e-4, 1e-2, 1.0, 100.0]
+    predictions, not_converged = heads_cv.logistic_path(fold, Cs)
+    assert not_converged == 0
+    for C, pred in zip(Cs, predictions):
+        ref = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(fold.X_train.astype(np.float64), fold.y_train)
+        np.testing.assert_array_equal(pred, ref.predict(fold.X_test.astype(np.float64)), err_msg=str(C))
+
+
+def test_parallel_folds_give_the_same_choices(tmp_path):
+    path = write_feature_cache(tmp_path / "f.h5", sep=0.12, seed=7)
+    one = fit(tmp_path, path, "one", heads=("logistic", "sgd_log"))
+    two = fit(tmp_path, path, "two", heads=("logistic", "sgd_log"), jobs=2)
+    for a, b in zip(one.rows, two.rows):
+        assert a.doc["cv"]["mean"] == b.doc["cv"]["mean"] and a.doc["cv"]["best"] == b.doc["cv"]["best"]
 
 
 def test_span_basis_is_used_only_below_feature_count():
@@ -217,6 +239,31 @@ def test_up_to_date_heads_are_reused_and_rebuild_refits(tmp_path, separable):
     assert "(up to date)" in fit(tmp_path, separable, heads=("ridge",)).summary()
     assert not fit(tmp_path, separable, heads=("ridge",), rebuild=True).rows[0].reused
     assert not fit(tmp_path, separable, heads=("ridge",), cv_folds=3).rows[0].reused  # settings changed
+
+
+def test_concurrent_runs_leave_consistent_pairs(tmp_path, separable):
+    """Two `heads` runs writing the same folder at once: every sidecar matches its model."""
+    import threading
+
+    errors = []
+
+    def work(fmt):
+        try:
+            fit(tmp_path, separable, heads=("ridge", "nearest_centroid", "logistic"), rebuild=True, format=fmt)
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(fmt,)) for fmt in ("joblib", "joblib", "skops")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for name in ("ridge", "nearest_centroid", "logistic"):
+        doc = json.loads((tmp_path / "cache" / "heads" / f"{name}.json").read_text())
+        assert heads.load_head(tmp_path / "cache" / "heads" / f"{name}.json").name == name
+        assert doc["sha256"] == heads._sha256_file(str(tmp_path / "cache" / "heads" / doc["model_file"]))
+    assert not [p for p in os.listdir(tmp_path / "cache" / "heads") if ".tmp" in p]
 
 
 def test_a_model_without_sidecar_is_incomplete(tmp_path, separable):
@@ -366,3 +413,21 @@ def test_readme_plain_sklearn_snippet_runs_as_written(tmp_path):
     expected = row.doc["metrics"]["accuracy"]
     assert f"val accuracy {expected:.4f} (sidecar: {expected:.4f})" in out.stdout
     assert 0.5 < expected < 1.0  # a meaningful number, not a trivially perfect one
+
+
+@pytest.mark.slow
+def test_make_heads_on_the_real_data_set(real_data, tmp_path, capsys):
+    """`make features` then `make heads` (WEIGHTS=random) on the real data: table, every head saved."""
+    from pipeline import features
+    from pipeline.config import FeaturesConfig
+
+    cache = str(tmp_path / "cache")
+    features.run(FeaturesConfig(data=str(real_data), cache=cache, weights="random", device="cpu", progress=False))
+    assert cli.main(["heads", "--data", str(real_data), "--cache", cache, "--weights", "random",
+                     "--device", "cpu", "--views", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "not pretrained" in out and "5 fitted" in out
+    for name in HeadsConfig().heads:
+        doc = json.loads((tmp_path / "cache" / "heads" / f"{name}.json").read_text())
+        assert SIDE_KEYS <= set(doc) and doc["features"]["n_images"] == 245 + 153
+        assert doc["metrics"]["n"] == 153 and doc["features"]["pretrained"] is False
