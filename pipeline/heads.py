@@ -3,8 +3,9 @@
 Every head is a ``Pipeline(StandardScaler, estimator)`` fitted on the train split only. Its
 hyper-parameter is chosen by stratified k-fold cross-validation on train (grouped by image
 when augmented views are used): a coarse log-spaced grid, walked from the strongest to the
-weakest regularisation with warm starts, then refined around the best point. The val split
-is touched once, after every choice is made, to report metrics.
+weakest regularisation (warm-started where that cannot change the result), then refined
+around the best point (see heads_cv). The val split is touched once, after every choice is
+made, to report metrics.
 
 Each head is saved as ``<cache>/heads/<name>.joblib`` (or ``.skops``) plus a JSON sidecar
 ``<name>.json`` written last, so a head without a sidecar is never read as complete.
@@ -195,7 +196,8 @@ class HeadsResult:
             if i == 0:
                 lines.append("  " + "  ".join("-" * w for w in widths))
         fitted = [r for r in self.rows if not r.reused]
-        lines.append(f"  {len(fitted)} fitted, {len(self.rows) - len(fitted)} up to date, "
+        fit_s = sum(r.doc["fit_seconds"] for r in fitted)
+        lines.append(f"  {len(fitted)} fitted (CV + refit {fit_s:.2f} s), {len(self.rows) - len(fitted)} up to date; "
                      f"{self.seconds:.2f} s in all; saved under {os.path.dirname(self.rows[0].model_path)}"
                      if self.rows else "  no heads")
         return "\n".join(lines)
@@ -283,35 +285,38 @@ def _fit_out_of_core(spec: HeadSpec, path: str, meta: dict, cfg: HeadsConfig, n_
                      classes: List[str]) -> Tuple[Pipeline, dict, float, List[str]]:
     """SGD with ``partial_fit`` over HDF5 chunks; memory is O(chunk_rows) plus 9 bytes per row.
 
-    One pass fits the scaler and reads the labels; the alpha grid is trained in the same
-    passes on the train rows outside a stratified hold-out fold (1/k of train) and scored on
-    it; the chosen alpha is then refitted on every train row.
+    A first pass fits the final scaler and reads the labels, which fix a stratified hold-out
+    fold (1/k of train); a second pass fits the CV scaler on the other rows. The alpha grid
+    is trained in the same passes on those rows and scored on the hold-out fold; the chosen
+    alpha is then refitted on every train row.
     """
     start = time.perf_counter()
-    n = int(meta["splits"]["train"]["n"])
-    scaler, labels = StandardScaler(), np.empty(n, np.int64)
-    for i, (X, y) in enumerate(store.iter_split_chunks(path, "train", cfg.chunk_rows)):
+    n, step = int(meta["splits"]["train"]["n"]), cfg.chunk_rows
+    scaler, cv_scaler, labels = StandardScaler(), StandardScaler(), np.empty(n, np.int64)
+    for i, (X, y) in enumerate(store.iter_split_chunks(path, "train", step)):
         scaler.partial_fit(X)
-        labels[i * cfg.chunk_rows: i * cfg.chunk_rows + len(y)] = y
+        labels[i * step: i * step + len(y)] = y
     n_splits = _n_splits(labels, n_classes, cfg.cv_folds, classes)
     holdout = np.zeros(n, bool)
-    _, test = next(splitter(n_splits, cfg.seed).split(np.zeros((n, 1)), labels))
+    _, test = next(splitter(n_splits, cfg.seed).split(np.zeros((n, 1), np.int8), labels))
     holdout[test] = True
+    for i, (X, _y) in enumerate(store.iter_split_chunks(path, "train", step)):
+        cv_scaler.partial_fit(X[~holdout[i * step: i * step + len(X)]])
     all_classes = np.arange(n_classes)
     rng = np.random.default_rng(cfg.seed)
     models = [spec.build(a, cfg.seed) for a in spec.grid]
     for _ in range(cfg.epochs):
-        for X, y, rows in _stream_train(path, n, cfg.chunk_rows, rng):
+        for X, y, rows in _stream_train(path, n, step, rng):
             keep = ~holdout[rows]
             if keep.any():
-                Xs = scaler.transform(X[keep])
+                Xs = cv_scaler.transform(X[keep])
                 for m in models:
                     m.partial_fit(Xs, y[keep], classes=all_classes)
     correct = np.zeros(len(models))
-    for i, (X, y) in enumerate(store.iter_split_chunks(path, "train", cfg.chunk_rows)):
-        mask = holdout[i * cfg.chunk_rows: i * cfg.chunk_rows + len(y)]
+    for i, (X, y) in enumerate(store.iter_split_chunks(path, "train", step)):
+        mask = holdout[i * step: i * step + len(y)]
         if mask.any():
-            Xs = scaler.transform(X[mask])
+            Xs = cv_scaler.transform(X[mask])
             correct += [np.sum(m.predict(Xs) == y[mask]) for m in models]
     acc = correct / max(1, holdout.sum())
     best_i = int(np.argmax(acc))
@@ -469,7 +474,8 @@ def _validate(cfg: HeadsConfig) -> Tuple[str, ...]:
             ooc = [s.name for s in REGISTRY.values() if s.out_of_core]
             raise UserError(f"--out-of-core trains only {', '.join(ooc)}; pass --heads {','.join(ooc)}")
         if skipped:
-            warnings.warn(f"--out-of-core: skipping {', '.join(skipped)} (in-memory heads only)")
+            warnings.warn(f"--out-of-core: skipping {', '.join(skipped)} (in-memory heads only); pass "
+                          f"--heads {','.join(names)} to choose the out-of-core heads explicitly")
     return names
 
 
@@ -479,10 +485,12 @@ def _file_name(name: str, cfg: HeadsConfig) -> str:
 
 def _settings(spec: HeadSpec, cfg: HeadsConfig, meta: dict) -> dict:
     """Everything that determines a fitted head; an equal saved sidecar means "up to date"."""
+    estimator = _jsonable_params(spec.build(spec.grid[0] if spec.grid else None, cfg.seed))
+    estimator.pop(spec.param, None)
     s = {"head": spec.name, "procedure_version": PROCEDURE_VERSION, "features_content_key": meta["content_key"],
          "features_settings_key": meta["settings_key"], "cv_folds": cfg.cv_folds, "seed": cfg.seed,
          "use_views": cfg.use_views, "out_of_core": cfg.out_of_core, "format": cfg.format,
-         "param": spec.param, "grid": list(spec.grid), "refine": spec.refine}
+         "param": spec.param, "grid": list(spec.grid), "refine": spec.refine, "estimator": estimator}
     if cfg.out_of_core:
         s.update(chunk_rows=cfg.chunk_rows, epochs=cfg.epochs)
     return s
@@ -688,10 +696,12 @@ def _check_compatible(head_meta: dict, cache_meta: dict, where: str) -> None:
               ("class list", list(head_meta.get("classes", [])), list(cache_meta.get("classes", []))))
     for what, mine, theirs in checks:
         if mine != theirs:
-            label = {"weights": (feats.get("weights_id"), cache_meta.get("weights_id"))}.get(what, (mine, theirs))
+            if what == "weights":  # name them by id and hash: two files can share an id
+                mine = f"{feats.get('weights_id')} (sha256 {str(mine)[:12]}…)"
+                theirs = f"{cache_meta.get('weights_id')} (sha256 {str(theirs)[:12]}…)"
             raise UserError(
-                f"head {where!r} was fitted on features with {what} {label[0]!r}, but {cache_path!r} has "
-                f"{label[1]!r}; use a head fitted on this cache (make heads) or features made with the head's "
+                f"head {where!r} was fitted on features with {what} {mine!r}, but {cache_path!r} has "
+                f"{theirs!r}; use a head fitted on this cache (make heads) or features made with the head's "
                 f"{what}")
     if feats.get("precision") and cache_meta.get("precision") and feats["precision"] != cache_meta["precision"]:
         warnings.warn(f"head {where!r} was fitted on {feats['precision']} features, {cache_path!r} holds "
