@@ -53,6 +53,8 @@ def _add_features(sub) -> None:
     p.add_argument("--no-draft", dest="draft", action="store_false", help="decode large JPEGs at full resolution")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
+                   help="under torchrun: seconds a rank waits for the others before giving up")
     p.set_defaults(handler=_run_features)
 
 
@@ -60,7 +62,8 @@ def _run_features(args) -> None:
     from . import features
 
     result = features.run(_config(config.FeaturesConfig, args))
-    print(result.summary())
+    if result.primary:  # under torchrun, rank 0 alone reports
+        print(result.summary())
 
 
 def _add_info(sub) -> None:

@@ -60,6 +60,8 @@ class FeaturesConfig:
     channels_last: bool = True
     rebuild: bool = False  # discard any existing cache for these settings first
     progress: bool = True
+    # Under torchrun: the longest any rank waits for the others at a meeting point (seconds).
+    dist_timeout: float = 1800.0
 
 
 @dataclass(frozen=True)

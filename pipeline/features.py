@@ -3,26 +3,33 @@
 Resumable (per-batch parts), incremental (unchanged images are never recomputed), atomic
 (the cache appears under its final name only when complete) and never stale (the file name
 is a hash of every setting that shapes a feature value).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank plans the same work, computes a disjoint,
+deterministic share of it into its own HDF5 shard, and rank 0 copies the shards into one
+cache identical to a single process's (same layout, row order and content key).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from . import backbone, data, store
+from . import backbone, data, distributed, store
 from .config import FEATURE_DIM, FeaturesConfig
 from .errors import UserError
 
-__all__ = ["FeaturesResult", "run", "resolve", "default_workers", "default_batch_size"]
+__all__ = ["FeaturesResult", "run", "resolve", "share", "default_workers", "default_batch_size"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,8 @@ class FeaturesResult:
     up_to_date: bool
     content_key: str = ""
     timings: Dict[str, float] = field(default_factory=dict)
+    processes: int = 1  # ranks that shared the extraction (torchrun)
+    primary: bool = True  # False on ranks other than 0, which report nothing
 
     def summary(self) -> str:
         lines = [f"feature cache  {self.path}"]
@@ -53,8 +62,9 @@ class FeaturesResult:
         if self.up_to_date:
             lines.append("  up to date     no image changed: no forward pass")
         else:
+            on = f"{self.processes} processes on {self.device.split(':')[0]}" if self.processes > 1 else self.device
             lines.append(f"  computed       {self.computed} images in {self.seconds:.1f} s "
-                         f"({self.images_per_s:.1f} images/s) on {self.device}, {self.precision}")
+                         f"({self.images_per_s:.1f} images/s) on {on}, {self.precision}")
         lines.append(f"  skipped        {len(self.skipped)}")
         for s in self.skipped:
             lines.append(f"    {s['path']}: {s['reason']}")
@@ -73,9 +83,12 @@ class Resolved:
     path: str
 
 
-def default_workers(device: torch.device) -> int:
-    """Loader processes: leave the cores to the forward pass on CPU, feed the GPU generously."""
-    cores = os.cpu_count() or 1
+def default_workers(device: torch.device, processes: int = 1) -> int:
+    """Loader processes: leave the cores to the forward pass on CPU, feed the GPU generously.
+
+    ``processes``: extraction processes sharing this machine (torchrun ranks per node).
+    """
+    cores = max(1, (os.cpu_count() or 1) // max(1, processes))
     if device.type == "cuda":
         return max(1, min(cores - 1, 12))
     return max(1, min(cores // 2, 4))
@@ -85,10 +98,11 @@ def default_batch_size(device: torch.device) -> int:
     return 256 if device.type == "cuda" else 32
 
 
-def resolve(cfg: FeaturesConfig) -> Resolved:
-    """Discover the data, weights, device and precision, and name the cache file."""
+def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resolved:
+    """Discover the data, weights, device (unless given) and precision, and name the cache file."""
     _validate(cfg)
-    device = backbone.choose_device(cfg.device)
+    if device is None:
+        device = backbone.choose_device(cfg.device)
     precision = backbone.choose_precision(cfg.precision, device)
     weights = backbone.resolve_weights(cfg.weights, cfg.seed)
     dataset = data.discover(cfg.data)
@@ -111,6 +125,8 @@ def _validate(cfg: FeaturesConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")
     if cfg.workers < -1:
         raise UserError(f"--workers {cfg.workers} must be >= 0 (or -1 for automatic)")
+    if cfg.dist_timeout <= 0:
+        raise UserError(f"--dist-timeout {cfg.dist_timeout} must be > 0 seconds")
 
 
 def _sha1(path: str) -> str:
@@ -144,8 +160,9 @@ def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[st
     return reused, todo
 
 
-def _loader(res: Resolved, cfg: FeaturesConfig, relpaths: List[str], views: int) -> torch.utils.data.DataLoader:
-    workers = default_workers(res.device) if cfg.workers < 0 else cfg.workers
+def _loader(res: Resolved, cfg: FeaturesConfig, relpaths: List[str], views: int,
+            processes: int = 1) -> torch.utils.data.DataLoader:
+    workers = default_workers(res.device, processes) if cfg.workers < 0 else cfg.workers
     dataset = data.ExtractionDataset(res.dataset.root, relpaths, views=views, seed=cfg.seed, draft=cfg.draft)
     return torch.utils.data.DataLoader(
         dataset,
@@ -165,25 +182,33 @@ def _forward(model, images: torch.Tensor, res: Resolved, channels_last: bool) ->
 
 
 def _extract(res: Resolved, cfg: FeaturesConfig, todo: Dict[str, List[Tuple[str, os.stat_result]]],
-             parts: str) -> int:
-    """Forward every image in ``todo``, saving one atomic part per batch. Returns images done."""
-    model = backbone.feature_extractor(res.weights, res.device, cfg.channels_last)
+             parts: str, ctx: distributed.Context = distributed.Context()) -> List[str]:
+    """Forward every image in ``todo``, saving one atomic part per batch. Returns the part files."""
     total = sum(len(v) for v in todo.values())
-    bar = tqdm(total=total, unit="img", desc="features", disable=not cfg.progress, dynamic_ncols=True)
+    if not total:
+        return []
+    model = backbone.feature_extractor(res.weights, res.device, cfg.channels_last)
+    desc = f"features rank 0/{ctx.world_size}" if ctx.is_distributed else "features"
+    bar = tqdm(total=total, unit="img", desc=desc, disable=not (cfg.progress and ctx.is_primary),
+               dynamic_ncols=True)
+    written: List[str] = []
+    tag = f"rank{ctx.rank}-of-{ctx.world_size}-" if ctx.is_distributed else ""
     with torch.inference_mode():
         for split, entries in todo.items():
             if entries:
                 # Augmented views are a training aid: only the train split gets them.
-                _extract_split(model, res, cfg, entries, cfg.views if split == "train" else 0, parts, bar)
+                written += _extract_split(model, res, cfg, entries, cfg.views if split == "train" else 0,
+                                          parts, bar, tag, ctx.local_world_size)
     bar.close()
-    return total
+    return written
 
 
 def _extract_split(model, res: Resolved, cfg: FeaturesConfig, entries: List[Tuple[str, os.stat_result]],
-                   n_views: int, parts: str, bar) -> None:
+                   n_views: int, parts: str, bar, tag: str = "", processes: int = 1) -> List[str]:
     relpaths = [rel for rel, _ in entries]
     stats = dict(entries)
-    for batch in _loader(res, cfg, relpaths, n_views):
+    written = []
+    for batch in _loader(res, cfg, relpaths, n_views, processes):
         ok = [i for i, err in enumerate(batch["error"]) if not err]
         feats = views = None
         if ok:
@@ -208,16 +233,20 @@ def _extract_split(model, res: Resolved, cfg: FeaturesConfig, entries: List[Tupl
                 raise UserError(f"cannot decode {os.path.join(res.dataset.root, rel)!r} ({row.error}); "
                                 "remove or fix the file, or drop --strict to skip it")
             rows.append(row)
-        store.write_part(parts, rows)
+        written.append(store.write_part(parts, rows, tag=tag))
         bar.update(len(rows))
+    return written
 
 
-def _assemble(res: Resolved, rows: Dict[str, store.Row]) -> Dict[str, store.SplitRows]:
+def _assemble(res: Resolved, rows: Dict[str, store.Row], partial: bool = False) -> Dict[str, store.SplitRows]:
+    """Rows in data-set order, split by split; ``partial``: only the images ``rows`` holds (a shard)."""
     splits = {}
     for split, items in res.dataset.splits.items():
         good, labels, skipped = [], [], []
         for item in items:
-            row = rows[item.relpath]
+            row = rows.get(item.relpath) if partial else rows[item.relpath]
+            if row is None:
+                continue
             if row.error:
                 skipped.append(row)
             else:
@@ -227,10 +256,11 @@ def _assemble(res: Resolved, rows: Dict[str, store.Row]) -> Dict[str, store.Spli
     return splits
 
 
-def _meta(res: Resolved, extract_seconds: float) -> dict:
+def _meta(res: Resolved, extract_seconds: float, processes: int = 1) -> dict:
     return {
         "extract_seconds": extract_seconds,
         "extract_device": str(res.device),
+        "extract_processes": processes,
         "backbone": backbone.BACKBONE,
         "weights_id": res.weights.id,
         "weights_sha256": res.weights.sha256,
@@ -241,13 +271,15 @@ def _meta(res: Resolved, extract_seconds: float) -> dict:
     }
 
 
-def _result(res: Resolved, meta: dict, computed: int, seconds: float, up_to_date: bool) -> FeaturesResult:
+def _result(res: Resolved, meta: dict, computed: int, seconds: float, up_to_date: bool,
+            processes: int = 1) -> FeaturesResult:
     skipped = [dict(s, split=split) for split, info in meta["splits"].items() for s in info["skipped"]]
     return FeaturesResult(
         path=res.path, counts={s: i["n"] for s, i in meta["splits"].items()}, skipped=skipped,
         computed=computed, seconds=seconds, images_per_s=computed / seconds if seconds > 0 else 0.0,
         device=str(res.device), precision=res.precision, weights_id=res.weights.id,
         pretrained=res.weights.pretrained, up_to_date=up_to_date, content_key=meta["content_key"],
+        processes=processes,
     )
 
 
@@ -262,33 +294,158 @@ def _unchanged(path: str, res: Resolved, splits: Dict[str, store.SplitRows]) -> 
         s: sorted(x["path"] for x in info["skipped"]) for s, info in meta["splits"].items()}
 
 
+def _known(res: Resolved, features: bool = True) -> Dict[str, store.Row]:
+    """Rows already computed: the cache, then shards and parts left by interrupted runs."""
+    known = store.read_known_rows(res.path, features)
+    known.update(store.read_shards(res.path, features, store.settings_key(res.settings)))
+    known.update(store.read_parts(store.parts_dir(res.path), features))
+    return known
+
+
+def _prepare(res: Resolved, cfg: FeaturesConfig, features: bool = True):
+    """``(reused rows by path, todo per split, up_to_date)``: what is known and what is left."""
+    reused, todo = _plan(res, _known(res, features))
+    if cfg.strict:
+        bad = [r for rows in reused.values() for r in rows if r.error]
+        if bad:
+            raise UserError(f"cannot decode {os.path.join(res.dataset.root, bad[0].relpath)!r} "
+                            f"({bad[0].error}); remove or fix it, or drop --strict to skip it")
+    rows = {r.relpath: r for split_rows in reused.values() for r in split_rows}
+    up_to_date = not any(todo.values()) and _unchanged(res.path, res, _assemble(res, rows))
+    return rows, todo, up_to_date
+
+
+def _previous_seconds(res: Resolved) -> float:
+    return store.read_meta(res.path).get("extract_seconds", 0.0) if os.path.exists(res.path) else 0.0
+
+
+def _finish(res: Resolved, rows: Dict[str, store.Row], seconds: float, processes: int = 1) -> dict:
+    """Write the cache from every row (in data-set order), drop the work files; returns its meta."""
+    missing = [item.relpath for items in res.dataset.splits.values() for item in items if item.relpath not in rows]
+    if missing:
+        raise RuntimeError(f"{len(missing)} images have no result (e.g. {missing[0]!r}); rerun to resume")
+    # Compute time of every row in the cache, so compare can charge heads their share.
+    meta = _meta(res, _previous_seconds(res) + seconds, processes)
+    store.write_cache(res.path, res.settings, meta, res.dataset.classes, _assemble(res, rows))
+    shutil.rmtree(store.parts_dir(res.path), ignore_errors=True)
+    shutil.rmtree(store.shards_dir(res.path), ignore_errors=True)
+    return store.read_meta(res.path)
+
+
 def run(cfg: FeaturesConfig) -> FeaturesResult:
-    """Extract (or update) the feature cache for ``cfg`` and return what happened."""
-    res = resolve(cfg)
+    """Extract (or update) the feature cache for ``cfg`` and return what happened.
+
+    Under ``torchrun`` the work is shared by the ranks; only rank 0's result is ``primary``.
+    """
+    ctx = distributed.from_env()
+    if not ctx.is_distributed:
+        return _run_local(cfg, resolve(cfg))
+    _validate(cfg)
+    device = backbone.choose_device(distributed.device_spec(cfg.device, ctx))
+    with distributed.session(ctx, device, cfg.dist_timeout) as ctx:
+        return _run_distributed(cfg, ctx, device)
+
+
+def _run_local(cfg: FeaturesConfig, res: Resolved) -> FeaturesResult:
     os.makedirs(os.path.dirname(res.path), exist_ok=True)
-    parts = store.parts_dir(res.path)
     with FileLock(res.path + ".lock"):
         if cfg.rebuild:
             store.remove_cache(res.path)
-        known = store.read_known_rows(res.path)
-        known.update(store.read_parts(parts))
-        reused, todo = _plan(res, known)
-        if cfg.strict:
-            bad = [r for rows in reused.values() for r in rows if r.error]
-            if bad:
-                raise UserError(f"cannot decode {os.path.join(res.dataset.root, bad[0].relpath)!r} "
-                                f"({bad[0].error}); remove or fix it, or drop --strict to skip it")
-        rows = {r.relpath: r for split_rows in reused.values() for r in split_rows}
-        if not any(todo.values()) and _unchanged(res.path, res, _assemble(res, rows)):
+        rows, todo, up_to_date = _prepare(res, cfg)
+        if up_to_date:
             return _result(res, store.read_meta(res.path), 0, 0.0, up_to_date=True)
         start = time.perf_counter()
-        computed = _extract(res, cfg, todo, parts)
+        written = _extract(res, cfg, todo, store.parts_dir(res.path))
         seconds = time.perf_counter() - start
-        rows.update(store.read_parts(parts))
-        # Compute time of every row in the cache, so compare can charge heads their share.
-        previous = store.read_meta(res.path).get("extract_seconds", 0.0) if os.path.exists(res.path) else 0.0
-        meta = _meta(res, previous + seconds)
-        store.write_cache(res.path, res.settings, meta, res.dataset.classes, _assemble(res, rows))
-        shutil.rmtree(parts, ignore_errors=True)
-        meta = store.read_meta(res.path)
-    return _result(res, meta, computed, seconds, up_to_date=False)
+        rows.update(store.read_part_files(written))
+        meta = _finish(res, rows, seconds)
+    return _result(res, meta, sum(len(v) for v in todo.values()), seconds, up_to_date=False)
+
+
+def share(todo: Dict[str, list], rank: int, world_size: int) -> Dict[str, list]:
+    """Rank ``rank``'s share of the work: every ``world_size``-th image of each split.
+
+    Deterministic (a function of the plan, which every rank computes alike), disjoint, and
+    balanced within one image per split, also between slow and fast class folders.
+    """
+    return {split: entries[rank::world_size] for split, entries in todo.items()}
+
+
+def _plan_digest(res: Resolved, todo: Dict[str, list], up_to_date: bool) -> str:
+    plan = [res.path, up_to_date, {split: [rel for rel, _ in entries] for split, entries in todo.items()}]
+    return hashlib.sha256(json.dumps(plan).encode("utf-8")).hexdigest()
+
+
+def _take_lock(stack: contextlib.ExitStack, res: Resolved, cfg: FeaturesConfig) -> None:
+    """Rank 0 alone holds the cache's lock for the whole job (and applies --rebuild)."""
+    os.makedirs(os.path.dirname(res.path), exist_ok=True)
+    try:
+        # A little under the ranks' own timeout, so rank 0 explains before they give up.
+        stack.enter_context(FileLock(res.path + ".lock", timeout=0.9 * cfg.dist_timeout))
+    except Timeout:
+        raise UserError(f"another extraction holds {res.path + '.lock'!r}; wait for it to finish "
+                        "(or raise --dist-timeout)") from None
+    if cfg.rebuild:
+        store.remove_cache(res.path)
+
+
+def _extract_shard(res: Resolved, cfg: FeaturesConfig, ctx: distributed.Context,
+                   mine: Dict[str, List[Tuple[str, os.stat_result]]]) -> dict:
+    """Compute this rank's share into parts, then into its shard file; returns what it did."""
+    start = time.perf_counter()
+    written = _extract(res, cfg, mine, store.parts_dir(res.path), ctx)
+    seconds = time.perf_counter() - start
+    shard = store.shard_file(res.path, ctx.rank, ctx.world_size, uuid.uuid4().hex[:8])
+    store.write_shard(shard, res.settings, _meta(res, seconds, ctx.world_size), res.dataset.classes,
+                      _assemble(res, store.read_part_files(written), partial=True),
+                      ctx.rank, ctx.world_size, res.path)
+    for name in written:  # the shard holds them now
+        os.remove(name)
+    return {"shard": shard, "computed": sum(len(v) for v in mine.values()), "seconds": seconds}
+
+
+def _stitch(res: Resolved, rows: Dict[str, store.Row], shards: List[dict], seconds: float,
+            world_size: int) -> FeaturesResult:
+    """Rank 0: the reused rows plus every rank's shard, copied into one cache."""
+    key = store.settings_key(res.settings)
+    for info in shards:
+        rows.update(store.read_shard_rows(info["shard"], key=key))
+    meta = _finish(res, rows, seconds, world_size)
+    return _result(res, meta, sum(i["computed"] for i in shards), seconds, up_to_date=False,
+                   processes=world_size)
+
+
+def _secondary(res: Resolved, ctx: distributed.Context) -> FeaturesResult:
+    """What ranks other than 0 return: nothing to report (rank 0 prints the summary)."""
+    return FeaturesResult(path=res.path, counts={}, skipped=[], computed=0, seconds=0.0, images_per_s=0.0,
+                          device=str(res.device), precision=res.precision, weights_id=res.weights.id,
+                          pretrained=res.weights.pretrained, up_to_date=False,
+                          processes=ctx.world_size, primary=False)
+
+
+def _run_distributed(cfg: FeaturesConfig, ctx: distributed.Context, device: torch.device) -> FeaturesResult:
+    # Rank 0 first: it may download the data set or the weights the others then find.
+    res = ctx.primary_first("resolve", lambda: resolve(cfg, device))
+    with contextlib.ExitStack() as stack:
+        ctx.collective("lock", lambda: _take_lock(stack, res, cfg), run=ctx.is_primary)
+        # Only rank 0 needs the known features (to write the cache); the others plan from paths.
+        rows, todo, up_to_date = ctx.collective("plan", lambda: _prepare(res, cfg, features=ctx.is_primary))
+        digests = ctx.meet("plan", value=_plan_digest(res, todo, up_to_date))
+        if len(set(digests)) > 1:  # the same on every rank, so every rank stops here
+            raise UserError(
+                f"the ranks planned different work for {res.path!r}: the data folder, the cache folder "
+                "and the files in them must be the same (shared) paths on every node")
+        if up_to_date:
+            return (_result(res, store.read_meta(res.path), 0, 0.0, up_to_date=True, processes=ctx.world_size)
+                    if ctx.is_primary else _secondary(res, ctx))
+        start = time.perf_counter()
+        info, error = None, None
+        try:
+            info = _extract_shard(res, cfg, ctx, share(todo, ctx.rank, ctx.world_size))
+        except Exception as exc:  # every rank hears of it at the meeting below
+            error = exc
+        shards = ctx.meet("extraction", error, info)
+        seconds = time.perf_counter() - start
+        result = ctx.collective("stitch", lambda: _stitch(res, rows, shards, seconds, ctx.world_size),
+                                run=ctx.is_primary)
+    return result if ctx.is_primary else _secondary(res, ctx)

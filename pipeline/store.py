@@ -17,6 +17,12 @@ Layout of ``cache/features/<data>-<key>.h5`` (readable with plain h5py or ``h5ls
 A cache is written whole to a temporary name and renamed, so a file under the final name is
 always complete. Work in progress lives in ``<file>.parts/`` as one ``.npz`` per batch (each
 written atomically), which is what an interrupted run resumes from.
+
+A distributed run (``torchrun``) also writes one shard per rank,
+``<file>.shards/rank<r>-of-<w>-<tag>.h5``: the same split layout holding only the rows that
+rank computed, root attribute ``format = pipeline.features.shard`` (so a shard is never read
+as a cache) plus ``rank``, ``world_size`` and ``cache`` (the final file's name), and split
+attribute ``complete = False``. Rank 0 copies the shards into the cache, then removes them.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -38,6 +45,7 @@ from .errors import UserError
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "FORMAT_SHARD",
     "Row",
     "SplitRows",
     "settings_key",
@@ -50,7 +58,13 @@ __all__ = [
     "read_known_rows",
     "write_part",
     "read_parts",
+    "read_part_files",
     "parts_dir",
+    "shards_dir",
+    "shard_file",
+    "write_shard",
+    "read_shard_rows",
+    "read_shards",
     "remove_cache",
     "describe",
     "library_versions",
@@ -58,6 +72,7 @@ __all__ = [
 
 FORMAT = "pipeline.features"
 FORMAT_VERSION = 1
+FORMAT_SHARD = "pipeline.features.shard"
 _STR = h5py.string_dtype("utf-8")
 
 
@@ -108,6 +123,15 @@ def parts_dir(path: str) -> str:
     return path + ".parts"
 
 
+def shards_dir(path: str) -> str:
+    return path + ".shards"
+
+
+def shard_file(path: str, rank: int, world_size: int, tag: str) -> str:
+    """Where rank ``rank`` of ``world_size`` writes its shard of the cache ``path``."""
+    return os.path.join(shards_dir(path), f"rank{rank}-of-{world_size}-{tag}.h5")
+
+
 def content_key(key: str, classes: List[str], splits: Dict[str, SplitRows]) -> str:
     h = hashlib.sha256(key.encode())
     h.update(json.dumps(classes).encode())
@@ -120,24 +144,31 @@ def content_key(key: str, classes: List[str], splits: Dict[str, SplitRows]) -> s
 def write_cache(path: str, settings: dict, meta: dict, classes: List[str],
                 splits: Dict[str, SplitRows]) -> str:
     """Write a complete cache atomically (temporary file, fsync, rename). Returns content_key."""
-    key = settings_key(settings)
-    content = content_key(key, classes, splits)
+    content = content_key(settings_key(settings), classes, splits)
+    _write_atomic(path, lambda f: _write_file(f, FORMAT, settings, meta, classes, splits, content, True))
+    return content
+
+
+def write_shard(path: str, settings: dict, meta: dict, classes: List[str], splits: Dict[str, SplitRows],
+                rank: int, world_size: int, cache: str) -> str:
+    """Write one rank's rows of the cache ``cache`` atomically, in the cache's split layout.
+
+    ``splits`` holds only the rows this rank computed (in data-set order). Returns ``path``.
+    """
+    content = content_key(settings_key(settings), classes, splits)
+    shard_meta = dict(meta, rank=rank, world_size=world_size, cache=os.path.basename(cache))
+    _write_atomic(path, lambda f: _write_file(f, FORMAT_SHARD, settings, shard_meta, classes, splits,
+                                              content, False))
+    return path
+
+
+def _write_atomic(path: str, fill) -> None:
+    """Create ``path`` through ``fill(h5py.File)`` on a temporary name, fsync, rename."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["format_version"] = FORMAT_VERSION
-            for name, value in meta.items():
-                f.attrs[name] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
-            f.attrs["classes"] = json.dumps(classes)
-            f.attrs["versions"] = json.dumps(library_versions())
-            f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            f.attrs["settings"] = json.dumps(settings, sort_keys=True)
-            f.attrs["settings_key"] = key
-            f.attrs["content_key"] = content
-            for split, data in splits.items():
-                _write_split(f.create_group(split), data)
+            fill(f)
             f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -145,10 +176,25 @@ def write_cache(path: str, settings: dict, meta: dict, classes: List[str],
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return content
 
 
-def _write_split(group: h5py.Group, data: SplitRows) -> None:
+def _write_file(f: h5py.File, fmt: str, settings: dict, meta: dict, classes: List[str],
+                splits: Dict[str, SplitRows], content: str, complete: bool) -> None:
+    f.attrs["format"] = fmt
+    f.attrs["format_version"] = FORMAT_VERSION
+    for name, value in meta.items():
+        f.attrs[name] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
+    f.attrs["classes"] = json.dumps(classes)
+    f.attrs["versions"] = json.dumps(library_versions())
+    f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    f.attrs["settings"] = json.dumps(settings, sort_keys=True)
+    f.attrs["settings_key"] = settings_key(settings)
+    f.attrs["content_key"] = content
+    for split, data in splits.items():
+        _write_split(f.create_group(split), data, complete)
+
+
+def _write_split(group: h5py.Group, data: SplitRows, complete: bool = True) -> None:
     n = len(data.rows)
     chunk = (max(1, min(n, 1024)), 512)
     feats = np.stack([r.feature for r in data.rows]).astype(np.float32) if n else np.zeros((0, 512), np.float32)
@@ -162,7 +208,7 @@ def _write_split(group: h5py.Group, data: SplitRows) -> None:
         views = np.stack([r.views for r in data.rows]).astype(np.float32)
         group.create_dataset("views", data=views, chunks=(max(1, min(n, 256)),) + views.shape[1:])
     group.attrs["n"] = n
-    group.attrs["complete"] = True
+    group.attrs["complete"] = complete
     group.attrs["skipped"] = json.dumps([
         {"path": r.relpath, "reason": r.error, "sha1": r.sha1, "size": r.size, "mtime_ns": r.mtime_ns}
         for r in data.skipped
@@ -269,24 +315,67 @@ def iter_split_chunks(path: str, split: str, chunk_rows: int,
             yield g["features"][start:stop], g["labels"][start:stop]
 
 
-def read_known_rows(path: str) -> Dict[str, Row]:
-    """Every row (and skipped file) of an existing complete cache, keyed by relative path."""
-    known: Dict[str, Row] = {}
+def read_known_rows(path: str, features: bool = True) -> Dict[str, Row]:
+    """Every row (and skipped file) of an existing complete cache, keyed by relative path.
+
+    ``features=False`` leaves ``feature``/``views`` unset: enough to plan, a fraction of the memory.
+    """
     if not os.path.exists(path):
-        return known
+        return {}
     with _open(path) as f:
         try:
-            for g in f.values():
-                feats = g["features"][()]
-                views = g["views"][()] if "views" in g else None
-                for i, (rel, sha, size, mtime) in enumerate(zip(
-                        g["paths"].asstr()[()], g["sha1"].asstr()[()], g["size"][()], g["mtime_ns"][()])):
-                    known[rel] = Row(rel, sha, int(size), int(mtime), feats[i],
-                                     None if views is None else views[i])
-                for s in json.loads(g.attrs["skipped"]):
-                    known[s["path"]] = Row(s["path"], s["sha1"], s["size"], s["mtime_ns"], error=s["reason"])
+            return _rows_of(f, features)
         except Exception as exc:
             raise _corrupt(path, exc) from None
+
+
+def _rows_of(f: h5py.File, features: bool) -> Dict[str, Row]:
+    known: Dict[str, Row] = {}
+    for g in f.values():
+        feats = g["features"][()] if features else None
+        views = g["views"][()] if features and "views" in g else None
+        for i, (rel, sha, size, mtime) in enumerate(zip(
+                g["paths"].asstr()[()], g["sha1"].asstr()[()], g["size"][()], g["mtime_ns"][()])):
+            known[rel] = Row(rel, sha, int(size), int(mtime), None if feats is None else feats[i],
+                             None if views is None else views[i])
+        for s in json.loads(g.attrs["skipped"]):
+            known[s["path"]] = Row(s["path"], s["sha1"], s["size"], s["mtime_ns"], error=s["reason"])
+    return known
+
+
+def read_shard_rows(path: str, features: bool = True, key: Optional[str] = None) -> Dict[str, Row]:
+    """The rows of one rank's shard; ``key``: the settings_key it must have been made with.
+
+    Raises
+    ------
+    UserError
+        The file is unreadable, not a shard, or made with other settings.
+    """
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT_SHARD or int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
+                raise UserError(f"{path!r} is not a feature-cache shard of this format version")
+            if key is not None and f.attrs.get("settings_key") != key:
+                raise UserError(f"shard {path!r} was made with other settings; delete it")
+            return _rows_of(f, features)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"shard {path!r} is damaged ({type(exc).__name__}); delete it and rerun") from None
+
+
+def read_shards(path: str, features: bool = True, key: Optional[str] = None) -> Dict[str, Row]:
+    """Rows of every shard left beside the cache ``path`` (a distributed run that did not finish).
+
+    Shards are written atomically, so an unreadable one means damage: it is ignored (with a
+    warning) and its rows are computed again.
+    """
+    known: Dict[str, Row] = {}
+    for name in sorted(glob.glob(os.path.join(shards_dir(path), "*.h5")), key=os.path.getmtime):
+        try:
+            known.update(read_shard_rows(name, features, key))
+        except UserError as exc:
+            warnings.warn(f"{exc}; its images will be extracted again")
     return known
 
 
@@ -315,19 +404,24 @@ def write_part(directory: str, rows: Iterable[Row], tag: str = "") -> str:
     return name
 
 
-def read_parts(directory: str) -> Dict[str, Row]:
+def read_parts(directory: str, features: bool = True) -> Dict[str, Row]:
     """Rows saved by interrupted runs; unreadable parts (should not happen) are ignored."""
+    return read_part_files(sorted(glob.glob(os.path.join(directory, "*.npz")), key=os.path.getmtime), features)
+
+
+def read_part_files(names: Iterable[str], features: bool = True) -> Dict[str, Row]:
+    """Rows of the given part files, later files winning."""
     known: Dict[str, Row] = {}
-    for name in sorted(glob.glob(os.path.join(directory, "*.npz")), key=os.path.getmtime):
+    for name in names:
         try:
             with np.load(name) as z:
-                feats = z["features"]
-                views = z["views"] if "views" in z.files else None
+                feats = z["features"] if features else None
+                views = z["views"] if features and "views" in z.files else None
                 j = 0
                 for rel, sha, size, mtime, err in zip(z["relpath"], z["sha1"], z["size"], z["mtime_ns"], z["error"]):
                     row = Row(str(rel), str(sha), int(size), int(mtime), error=str(err))
                     if not row.error:
-                        row.feature = feats[j]
+                        row.feature = None if feats is None else feats[j]
                         row.views = None if views is None else views[j]
                         j += 1
                     known[row.relpath] = row
@@ -337,7 +431,7 @@ def read_parts(directory: str) -> Dict[str, Row]:
 
 
 def remove_cache(path: str) -> None:
-    for p in (path, parts_dir(path)):
+    for p in (path, parts_dir(path), shards_dir(path)):
         if os.path.isdir(p):
             shutil.rmtree(p)
         elif os.path.exists(p):
