@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # Bumped when the fitting procedure changes, so saved heads are refitted, not reused.
 PROCEDURE_VERSION = 1
 FORMATS = ("joblib", "skops")
-_SKOPS_TRUSTED_ROOTS = ("sklearn", "numpy", "scipy", "builtins")
+_SKOPS_TRUSTED_ROOTS = ("sklearn", "numpy", "scipy")
 
 
 # --------------------------------------------------------------------------- registry

@@ -19,6 +19,7 @@ fast paths against scikit-learn fits on the original features.
 """
 from __future__ import annotations
 
+import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from sklearn.preprocessing import StandardScaler
 
 __all__ = ["TrainData", "Fold", "make_folds", "splitter", "cross_validate", "refine_values",
            "ridge_path", "logistic_path", "l2svm_path"]
+
+log = logging.getLogger(__name__)
 
 _NEWTON_MAX_ITER = 100
 
@@ -265,15 +268,11 @@ def _sklearn_path(spec, fold: Fold, values: Sequence[float], seed: int) -> Tuple
     """The head's own estimator over the grid (warm-started when the spec allows)."""
     est = spec.build(values[0], seed, warm_start=spec.warm_start)
     X_train, X_test = fold.data(spec.span)
-    out, not_converged = [], 0
-    for v in values:
+    out = []
+    for v in values:  # ConvergenceWarnings are counted by _sweep
         est.set_params(**{spec.param: int(v) if spec.param == "n_neighbors" else v})
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            est.fit(X_train, fold.y_train)
-        not_converged += sum(issubclass(w.category, ConvergenceWarning) for w in caught)
-        out.append(est.predict(X_test))
-    return out, not_converged
+        out.append(est.fit(X_train, fold.y_train).predict(X_test))
+    return out, 0
 
 
 def _fold_scores(spec, fold: Fold, values: Sequence[float], seed: int) -> Tuple[List[float], int]:
@@ -285,16 +284,28 @@ def _fold_scores(spec, fold: Fold, values: Sequence[float], seed: int) -> Tuple[
 
 
 def _sweep(spec, folds: List[Fold], values: Sequence[float], seed: int, jobs: int) -> Tuple[np.ndarray, int]:
-    # Inputs are finite float arrays made here: skip scikit-learn's per-fit re-validation.
-    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+    """Scores ``(n_values, n_folds)`` and the number of fits that did not converge.
+
+    Warnings are caught once here, not per fit: ``catch_warnings`` is process-global and
+    unsafe in the worker threads of ``jobs > 1``.
+    """
+    # Inputs are finite float arrays made here: skip scikit-learn's per-fit re-validation
+    # (scikit-learn's Parallel carries this configuration into its threads).
+    with warnings.catch_warnings(record=True) as caught, \
+            sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
+        warnings.simplefilter("always", ConvergenceWarning)
         if jobs > 1:
-            from joblib import Parallel, delayed
+            from sklearn.utils.parallel import Parallel, delayed
 
             out = Parallel(n_jobs=jobs, prefer="threads")(
                 delayed(_fold_scores)(spec, f, values, seed) for f in folds)
         else:
             out = [_fold_scores(spec, f, values, seed) for f in folds]
-    return np.array([s for s, _ in out]).T, sum(n for _, n in out)  # (n_values, n_folds)
+    for w in caught:
+        if not issubclass(w.category, ConvergenceWarning):
+            log.debug("during CV of %s: %s", spec.name, w.message)
+    not_converged = sum(n for _, n in out) + sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return np.array([s for s, _ in out]).T, not_converged
 
 
 def cross_validate(spec, folds: List[Fold], seed: int, jobs: int, splitter_text: str) -> dict:
