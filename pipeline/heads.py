@@ -387,7 +387,7 @@ def _atomic_write(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tuple[str, str]:
+def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tuple[str, str, dict]:
     """Model file, then sidecar, each atomically, under a lock on the heads folder.
 
     The old sidecar goes first: between the two renames a reader sees a model without a
@@ -411,7 +411,7 @@ def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tu
                 os.remove(stale)
         _atomic_write(model_path, data)
         _atomic_write(sidecar, text)
-    return model_path, sidecar
+    return model_path, sidecar, json.loads(text)  # what was written (another run may replace it)
 
 
 def _sha256_file(path: str) -> str:
@@ -625,9 +625,7 @@ def _finish(spec, cfg, path, meta, classes, model, cv, fit_s, notes, X_val, y_va
         "warnings": notes,
         "settings": _settings(spec, cfg, meta),
     }
-    model_path, sidecar = _save(directory, name, model, doc, cfg.format)
-    with open(sidecar, encoding="utf-8") as fh:
-        doc = json.load(fh)
+    model_path, sidecar, doc = _save(directory, name, model, doc, cfg.format)
     return HeadRow(name, model_path, sidecar, doc)
 
 
@@ -805,15 +803,22 @@ def load_head(path: str, features: Union[str, dict, None] = None) -> Head:
     """
     path = os.fspath(path)
     sidecar = _sidecar_for(path)
-    doc = _read_sidecar(sidecar, path)
-    model_path = os.path.join(os.path.dirname(sidecar), doc.get("model_file", ""))
-    if not os.path.isfile(model_path):
-        raise UserError(f"head sidecar {sidecar!r} names model file {model_path!r}, which is missing; "
-                        "refit with `python -m pipeline heads --rebuild`")
-    with open(model_path, "rb") as fh:
-        data = fh.read()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != doc["sha256"]:
+    for attempt in range(3):
+        doc = _read_sidecar(sidecar, path)
+        model_path = os.path.join(os.path.dirname(sidecar), doc.get("model_file", ""))
+        try:
+            with open(model_path, "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            data = None
+        digest = hashlib.sha256(data).hexdigest() if data is not None else ""
+        if digest == doc["sha256"]:
+            break
+        if _read_sidecar(sidecar, path) != doc and attempt < 2:
+            continue  # a `heads` run replaced this head while we read it: read the new one
+        if data is None:
+            raise UserError(f"head sidecar {sidecar!r} names model file {model_path!r}, which is missing; "
+                            "refit with `python -m pipeline heads --rebuild`")
         raise UserError(f"head {model_path!r} does not match its sidecar (sha256 {digest[:12]}…, expected "
                         f"{doc['sha256'][:12]}…): it was modified or corrupted after saving; not loading it. "
                         "Refit with `python -m pipeline heads --rebuild`")
