@@ -130,17 +130,23 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         self : ResNet18Features
         """
         from . import backbone
+        from .errors import UserError
 
         self._paths(X)
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 0:
             raise ValueError(f"batch_size={self.batch_size!r}. Only integers >= 0 are supported (0: automatic).")
+        self._cache_files()  # validates ``cache``
         weights = self._resolve_weights()
-        device = backbone.choose_device(self.device)
+        try:
+            device = backbone.choose_device(self.device)
+            precision = backbone.choose_precision(self.precision, device)
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
         self.weights_id_ = weights.id
         self.weights_sha256_ = weights.sha256
         self.pretrained_ = bool(weights.pretrained)
         self.device_ = str(device)
-        self.precision_ = backbone.choose_precision(self.precision, device)
+        self.precision_ = precision
         return self
 
     def transform(self, X) -> np.ndarray:

@@ -133,6 +133,10 @@ def test_bad_inputs_raise_value_errors_naming_them(dataset, tmp_path):
         ResNet18Features(weights="random", batch_size=-1).fit(["a.jpg"])
     with pytest.raises(ValueError, match="weights='nonsense'"):
         ResNet18Features(weights="nonsense").fit(["a.jpg"])
+    with pytest.raises(ValueError, match="precision 'fp64' is not recognised"):
+        ResNet18Features(weights="random", device="cpu", precision="fp64").fit(["a.jpg"])
+    with pytest.raises(ValueError, match="cache=.*does not exist"):
+        ResNet18Features(weights="random", cache=str(tmp_path / "nowhere")).fit(["a.jpg"])
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not an image")
     good = str(next((root / "val").rglob("*.jpg")))
