@@ -48,7 +48,7 @@ class FeaturesResult:
     pretrained: bool
     up_to_date: bool
     content_key: str = ""
-    timings: Dict[str, float] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)  # seconds: plan, extract, write
     processes: int = 1  # ranks that shared the extraction (torchrun)
     primary: bool = True  # False on ranks other than 0, which report nothing
 
@@ -351,15 +351,19 @@ def _run_local(cfg: FeaturesConfig, res: Resolved) -> FeaturesResult:
     with FileLock(res.path + ".lock"):
         if cfg.rebuild:
             store.remove_cache(res.path)
+        start = time.perf_counter()
         rows, todo, up_to_date = _prepare(res, cfg)
         if up_to_date:
             return _result(res, store.read_meta(res.path), 0, 0.0, up_to_date=True)
-        start = time.perf_counter()
+        planned = time.perf_counter()
         written = _extract(res, cfg, todo, store.parts_dir(res.path))
-        seconds = time.perf_counter() - start
+        extracted = time.perf_counter()
+        seconds = extracted - planned
         rows.update(store.read_part_files(written))
         meta = _finish(res, rows, seconds)
-    return _result(res, meta, sum(len(v) for v in todo.values()), seconds, up_to_date=False)
+    result = _result(res, meta, sum(len(v) for v in todo.values()), seconds, up_to_date=False)
+    result.timings = {"plan": planned - start, "extract": seconds, "write": time.perf_counter() - extracted}
+    return result
 
 
 def share(todo: Dict[str, list], rank: int, world_size: int) -> Dict[str, list]:
@@ -426,6 +430,7 @@ def _secondary(res: Resolved, ctx: distributed.Context) -> FeaturesResult:
 def _run_distributed(cfg: FeaturesConfig, ctx: distributed.Context, device: torch.device) -> FeaturesResult:
     # Rank 0 first: it may download the data set or the weights the others then find.
     res = ctx.primary_first("resolve", lambda: resolve(cfg, device))
+    begin = time.perf_counter()
     with contextlib.ExitStack() as stack:
         ctx.collective("lock", lambda: _take_lock(stack, res, cfg), run=ctx.is_primary)
         # Only rank 0 needs the known features (to write the cache); the others plan from paths.
@@ -445,7 +450,11 @@ def _run_distributed(cfg: FeaturesConfig, ctx: distributed.Context, device: torc
         except Exception as exc:  # every rank hears of it at the meeting below
             error = exc
         shards = ctx.meet("extraction", error, info)
-        seconds = time.perf_counter() - start
+        extracted = time.perf_counter()
+        seconds = extracted - start
         result = ctx.collective("stitch", lambda: _stitch(res, rows, shards, seconds, ctx.world_size),
                                 run=ctx.is_primary)
-    return result if ctx.is_primary else _secondary(res, ctx)
+    if not ctx.is_primary:
+        return _secondary(res, ctx)
+    result.timings = {"plan": start - begin, "extract": seconds, "write": time.perf_counter() - extracted}
+    return result
