@@ -57,8 +57,16 @@ def _same_trajectory(a: dict, b: dict) -> None:
         assert [e[key] for e in a["epochs"]] == [e[key] for e in b["epochs"]], key
 
 
-def test_finetune_learns_and_writes_the_schema(tiny_data, tmp_path):
-    result = finetune.run(_cfg(tiny_data, tmp_path / "c", lr=0.01))
+def test_loss_falls(tiny_data, tmp_path):
+    # A linear head on frozen features is a convex problem: its loss falls reliably, unlike a
+    # randomly initialised ResNet18 trained on 32-pixel crops in batches of 4.
+    run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode="fixed", lr=0.01)).runs[0]
+    first, second = _json(run.path, "history.json")["epochs"]
+    assert second["train_loss"] < first["train_loss"] and second["val_loss"] < first["val_loss"]
+
+
+def test_finetune_writes_the_schema_and_trains_every_layer(tiny_data, tmp_path):
+    result = finetune.run(_cfg(tiny_data, tmp_path / "c"))
     run = result.runs[0]
     assert run.path == str(tmp_path / "c" / "runs" / "finetune")
     assert sorted(f for f in os.listdir(run.path) if not f.startswith(".")) == [
@@ -67,7 +75,6 @@ def test_finetune_learns_and_writes_the_schema(tiny_data, tmp_path):
     history = _json(run.path, "history.json")
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
     assert all(HISTORY_KEYS <= set(e) for e in history["epochs"])
-    assert history["epochs"][1]["train_loss"] < history["epochs"][0]["train_loss"]  # loss falls
 
     m = _json(run.path, "metrics.json")
     assert METRICS_KEYS <= set(m)
@@ -78,7 +85,7 @@ def test_finetune_learns_and_writes_the_schema(tiny_data, tmp_path):
     assert m["trainable_parameters"] == m["total_parameters"] > 11_000_000
     assert m["size_bytes"] == os.path.getsize(os.path.join(run.path, "best.pt"))
     assert m["device"] == "cpu" and m["precision"] == "fp32" and m["images_per_s"] > 0
-    assert m["config"]["mode"] == "finetune" and m["config"]["lr"] == 0.01 and "torch" in m["versions"]
+    assert m["config"]["mode"] == "finetune" and m["config"]["lr"] == 1e-3 and "torch" in m["versions"]
     acc = m["metrics"]
     assert acc["n"] == 8 and acc["predictions"]["paths"][0] == "val/ants/img_000.jpg"
     best_val = max(e["val_acc"] for e in history["epochs"])
@@ -197,6 +204,12 @@ def test_three_weights_sources(tiny_data, tmp_path, monkeypatch):
     assert run.path.endswith("scratch-3") and run.metrics["weights_id"] == "random-seed3"
     assert run.metrics["pretrained"] is False
     assert run.metrics["weights_sha256"] == backbone.resolve_weights("random", 3).sha256
+
+
+def test_bf16_autocast_on_cpu_is_optional_and_recorded(tiny_data, tmp_path):
+    run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode="partial", epochs=1, precision="bf16")).runs[0]
+    assert run.metrics["precision"] == "bf16" and "bf16" in run.summary()
+    assert all(torch.isfinite(v).all() for v in _model(run.path).values() if v.is_floating_point())
 
 
 def test_cli_seeds_mean_std_and_undecodable_images(tmp_path, capsys):
