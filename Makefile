@@ -50,8 +50,11 @@ test: $(STAMP)  ## the test suite (fast part, ~5 minutes on 2 cores)
 test-all: $(STAMP)  ## every test, the slow fault-injection ones too
 	$(PY) -m pytest -q -m ''
 
-bench: $(STAMP)  ## benchmarks (set BENCH_DATA to the data set, default DATA_DIR)
+bench: $(STAMP)  ## benchmarks on DATA_DIR (or $$BENCH_DATA): features, heads, finetune, distributed
 	$(PY) bench/features.py $(DATA_OPT)
+	$(PY) bench/heads.py $(DATA_OPT)
+	$(PY) bench/finetune.py $(DATA_OPT)
+	$(PY) bench/distributed.py $(DATA_OPT)
 
 clean:  ## remove generated caches and reports (keeps .venv)
 	rm -rf $(CACHE_DIR)/features $(CACHE_DIR)/heads $(CACHE_DIR)/runs reports

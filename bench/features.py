@@ -111,11 +111,10 @@ def draft_agreement(data_dir: str, weights, device) -> dict:
 
 
 def tutorial_frozen_epoch(data_dir: str, weights, device) -> float:
-    from tutorial import tutorial_epoch, tutorial_loaders, tutorial_model
+    from tutorial import run_tutorial
 
-    model = tutorial_model(weights.state_dict, "fixed").to(device)
-    seconds, _ = tutorial_epoch(model, tutorial_loaders(data_dir), device, "fixed")
-    return seconds
+    with tempfile.TemporaryDirectory() as tmp:
+        return run_tutorial(data_dir, weights.state_dict, "fixed", 1, device, tmp)["epoch_seconds"][0]
 
 
 def heads_seconds(path: str) -> float:
