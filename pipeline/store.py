@@ -66,6 +66,7 @@ __all__ = [
     "read_shard_rows",
     "read_shards",
     "remove_cache",
+    "remove_temporaries",
     "describe",
     "library_versions",
 ]
@@ -264,19 +265,27 @@ def read_meta(path: str) -> dict:
     with _open(path) as f:
         try:
             meta = _attrs(f)
-            meta["splits"] = {
-                name: {
-                    "n": int(g.attrs["n"]),
-                    "complete": bool(g.attrs["complete"]),
-                    "skipped": json.loads(g.attrs["skipped"]),
-                    "views": int(g["views"].shape[1]) if "views" in g else 0,
-                }
-                for name, g in f.items()
-            }
+            meta["splits"] = {name: _split_info(name, g) for name, g in f.items()}
         except Exception as exc:
             raise _corrupt(path, exc) from None
     meta["path"] = path
     return meta
+
+
+def _split_info(name: str, g: h5py.Group) -> dict:
+    """A split's attributes, after checking that every data set holds its ``n`` rows."""
+    n = int(g.attrs["n"])
+    for column in ("features", "labels", "paths", "sha1", "size", "mtime_ns") + (("views",) if "views" in g else ()):
+        if g[column].shape[:1] != (n,):
+            raise ValueError(f"{name}/{column} has shape {g[column].shape}, expected {n} rows")
+    if g["features"].shape[1:] != (512,):
+        raise ValueError(f"{name}/features has shape {g['features'].shape}, expected ({n}, 512)")
+    return {
+        "n": n,
+        "complete": bool(g.attrs["complete"]),
+        "skipped": json.loads(g.attrs["skipped"]),
+        "views": int(g["views"].shape[1]) if "views" in g else 0,
+    }
 
 
 def read_split(path: str, split: str, views: bool = False) -> Tuple[np.ndarray, np.ndarray, List[str], Optional[np.ndarray]]:
@@ -436,6 +445,18 @@ def remove_cache(path: str) -> None:
             shutil.rmtree(p)
         elif os.path.exists(p):
             os.remove(p)
+
+
+def remove_temporaries(path: str) -> None:
+    """Delete the temporary files a killed writer left beside the cache ``path``.
+
+    Call it holding the cache's lock: then no live writer has a temporary file there.
+    """
+    for name in glob.glob(glob.escape(path) + ".tmp-*"):
+        try:
+            os.remove(name)
+        except OSError:
+            pass
 
 
 def describe(path: str) -> str:
