@@ -327,9 +327,14 @@ def _finish(res: Resolved, rows: Dict[str, store.Row], seconds: float, processes
     # Compute time of every row in the cache, so compare can charge heads their share.
     meta = _meta(res, _previous_seconds(res) + seconds, processes)
     store.write_cache(res.path, res.settings, meta, res.dataset.classes, _assemble(res, rows))
-    shutil.rmtree(store.parts_dir(res.path), ignore_errors=True)
-    shutil.rmtree(store.shards_dir(res.path), ignore_errors=True)
+    _remove_work_files(res.path)
     return store.read_meta(res.path)
+
+
+def _remove_work_files(path: str) -> None:
+    """Parts and shards, once the cache at ``path`` holds every row they hold."""
+    shutil.rmtree(store.parts_dir(path), ignore_errors=True)
+    shutil.rmtree(store.shards_dir(path), ignore_errors=True)
 
 
 def run(cfg: FeaturesConfig) -> FeaturesResult:
@@ -355,6 +360,7 @@ def _run_local(cfg: FeaturesConfig, res: Resolved) -> FeaturesResult:
         start = time.perf_counter()
         rows, todo, up_to_date = _prepare(res, cfg)
         if up_to_date:
+            _remove_work_files(res.path)  # left by a run killed after its rename
             return _result(res, store.read_meta(res.path), 0, 0.0, up_to_date=True)
         planned = time.perf_counter()
         written = _extract(res, cfg, todo, store.parts_dir(res.path))
