@@ -17,6 +17,7 @@ written last, so a run without it is unfinished.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -565,6 +566,15 @@ def _say(message: str, progress: bool) -> None:
         log.info(message)
 
 
+def _remove_temporaries(directory: str) -> None:
+    """Temporary files of a run killed mid-save; under the run's lock no live writer has one."""
+    for name in glob.glob(os.path.join(glob.escape(directory), "*.tmp-*")):
+        try:
+            os.remove(name)
+        except OSError:
+            pass
+
+
 def _clear(directory: str) -> None:
     # metrics.json goes first: from then on the run is visibly unfinished.
     for name in _FILES:
@@ -611,6 +621,7 @@ def _run_one(cfg: FinetuneConfig, seed: int, dataset: data.DataSet, splits: Dict
     settings = _settings(cfg, seed, weights, dataset, splits, device, precision)
     key = store.settings_key(settings)
     with FileLock(os.path.join(directory, ".lock")):
+        _remove_temporaries(directory)
         if cfg.rebuild:
             _clear(directory)
         done, ckpt = _existing(directory, key, cfg.epochs)

@@ -12,6 +12,7 @@ Each head is saved as ``<cache>/heads/<name>.joblib`` (or ``.skops``) plus a JSO
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
@@ -387,6 +388,15 @@ def _atomic_write(path: str, data: bytes) -> None:
             os.remove(tmp)
 
 
+def _remove_temporaries(directory: str) -> None:
+    """Temporary files of writers killed mid-save; under the folder's lock no live writer has one."""
+    for name in glob.glob(os.path.join(glob.escape(directory), "*.tmp-*")):
+        try:
+            os.remove(name)
+        except OSError:
+            pass
+
+
 def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tuple[str, str, dict]:
     """Model file, then sidecar, each atomically, under a lock on the heads folder.
 
@@ -403,6 +413,7 @@ def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tu
     model_path = os.path.join(directory, doc["model_file"])
     sidecar = os.path.join(directory, f"{name}.json")
     with FileLock(os.path.join(directory, ".lock")):
+        _remove_temporaries(directory)
         if os.path.exists(sidecar):
             os.remove(sidecar)
         for other in FORMATS:
