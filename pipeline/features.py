@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from . import backbone, data, distributed, store
-from .config import FEATURE_DIM, FeaturesConfig
+from .config import FEATURE_DIM, MAX_PARALLEL, MAX_VIEWS, FeaturesConfig
 from .errors import UserError
 
 __all__ = ["FeaturesResult", "run", "resolve", "share", "default_workers", "default_batch_size"]
@@ -123,10 +123,12 @@ def _validate(cfg: FeaturesConfig) -> None:
     for name in ("batch_size", "views"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")
-    if cfg.workers < -1:
-        raise UserError(f"--workers {cfg.workers} must be >= 0 (or -1 for automatic)")
-    if cfg.dist_timeout <= 0:
-        raise UserError(f"--dist-timeout {cfg.dist_timeout} must be > 0 seconds")
+    if cfg.views > MAX_VIEWS:
+        raise UserError(f"--views {cfg.views} must be at most {MAX_VIEWS}")
+    if not -1 <= cfg.workers <= MAX_PARALLEL:
+        raise UserError(f"--workers {cfg.workers} must be between 0 and {MAX_PARALLEL} (or -1 for automatic)")
+    if not 0 < cfg.dist_timeout < float("inf"):
+        raise UserError(f"--dist-timeout {cfg.dist_timeout} must be > 0 seconds and finite")
 
 
 def _sha1(path: str) -> str:
