@@ -40,6 +40,9 @@ DEFAULT_DATA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 DEFAULT_CACHE_DIR = "cache"
 FEATURE_DIM = 512
 SPLITS = ("train", "val")
+# Upper bounds of options that size a resource: beyond them a run only exhausts the machine.
+MAX_PARALLEL = 256  # loader processes (--workers), threads (--threads, --jobs)
+MAX_VIEWS = 100  # augmented views per train image (--views)
 
 
 @dataclass(frozen=True)
