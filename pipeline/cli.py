@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
+import os
 import sys
 from typing import Callable, Dict, List, Optional
 
@@ -17,6 +19,28 @@ from .errors import UserError
 __all__ = ["main", "get_args_parser"]
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+SEED_RANGE = (0, 2 ** 32 - 1)  # what NumPy and scikit-learn accept as a random_state
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def integer(text: str) -> int:
+    """An option's integer: beyond 64 bits it would overflow torch, NumPy or the OS, so it is refused."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise argparse.ArgumentTypeError(f"{text} is out of range (a 64-bit integer)")
+    return value
+
+
+def seed(text: str) -> int:
+    value = integer(text)
+    if not SEED_RANGE[0] <= value <= SEED_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"seed {value} is out of range; use {SEED_RANGE[0]} to {SEED_RANGE[1]}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,7 +57,8 @@ def _common(p: argparse.ArgumentParser, defaults, *, device: bool = True, weight
     if weights:
         p.add_argument("--weights", default=defaults.weights,
                        help="imagenet | random | PATH of a state_dict (default: %(default)s)")
-        p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
+        p.add_argument("--seed", type=seed, default=defaults.seed,
+                       help=f"random seed, {SEED_RANGE[0]} to {SEED_RANGE[1]} (default: %(default)s)")
     if device:
         p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N (default: %(default)s)")
         p.add_argument("--precision", default=defaults.precision,
@@ -46,9 +71,9 @@ def _add_features(sub) -> None:
     p = sub.add_parser("features", help="extract frozen ResNet18 features into the HDF5 cache",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(p, d)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass; 0: automatic")
-    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes; -1: automatic")
-    p.add_argument("--views", type=int, default=d.views, help="augmented passes stored per train image")
+    p.add_argument("--batch-size", type=integer, default=d.batch_size, help="images per forward pass; 0: automatic")
+    p.add_argument("--workers", type=integer, default=d.workers, help="data-loading processes; -1: automatic")
+    p.add_argument("--views", type=integer, default=d.views, help="augmented passes stored per train image")
     p.add_argument("--strict", action="store_true", help="an undecodable image is fatal instead of skipped")
     p.add_argument("--no-draft", dest="draft", action="store_false", help="decode large JPEGs at full resolution")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
@@ -114,9 +139,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OSErrors that the machine causes, not this program, with the user's fix: exit 2 like a user error.
+_SPACE = "free some space or pass --cache DIR on another disk, then rerun the same command (finished work is kept)"
+_WRITABLE = "pass --cache DIR pointing at a folder you can write (or fix its permissions), then rerun the same command"
+_FOLDER = "a part of that path is a file, not a folder; pass --cache DIR naming a folder"
+_ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: _SPACE, errno.EDQUOT: _SPACE, errno.EFBIG: _SPACE,
+    errno.EACCES: _WRITABLE, errno.EPERM: _WRITABLE, errno.EROFS: _WRITABLE,
+    errno.ENOTDIR: _FOLDER, errno.EEXIST: _FOLDER, errno.EISDIR: "that path is a folder; name a file",
+    errno.ENAMETOOLONG: "use a shorter path", errno.EIO: "check the disk, then rerun the same command",
+}
+
+
+def _environment_error(exc: OSError, args: Optional[argparse.Namespace]) -> Optional[str]:
+    """One line for an OSError of the environment (full disk, read-only folder...), else None.
+
+    A disk that fills up mid-write names no file, so the output folder of the stage is named.
+    """
+    hint = _ENVIRONMENT_ERRORS.get(exc.errno)
+    if hint is None:
+        return None
+    where = exc.filename or (getattr(args, "reports", None) if getattr(args, "stage", "") == "compare"
+                             else getattr(args, "cache", None))
+    if getattr(args, "stage", "") == "compare":
+        hint = hint.replace("--cache DIR", "--reports DIR")
+    place = f" ({where!r})" if where else ""
+    return f"{os.strerror(exc.errno).lower()}{place}; {hint}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
+    args = None
     try:
         args = get_args_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -127,6 +181,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER
+    except OSError as exc:
+        line = None if debug else _environment_error(exc, args)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return EXIT_USER
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume where it stopped", file=sys.stderr)

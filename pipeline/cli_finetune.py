@@ -15,7 +15,7 @@ def _seeds(text: str) -> tuple:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
     if not seeds:
         raise argparse.ArgumentTypeError("give at least one seed, e.g. 0,1,2")
-    return seeds
+    return tuple(cli.seed(str(s)) for s in seeds)
 
 
 def add_parser(sub) -> None:
@@ -36,17 +36,17 @@ def add_parser(sub) -> None:
     p.add_argument("--bn", default=d.bn,
                    help="frozen-eval: frozen layers' BatchNorm stays in eval mode (running statistics "
                         "fixed); train: the tutorial's model.train() everywhere (statistics drift)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per optimiser step")
+    p.add_argument("--epochs", type=cli.integer, default=d.epochs, help="training epochs")
+    p.add_argument("--batch-size", type=cli.integer, default=d.batch_size, help="images per optimiser step")
     p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
     p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
-    p.add_argument("--step-size", type=int, default=d.step_size, help="StepLR: epochs between lr drops")
+    p.add_argument("--step-size", type=cli.integer, default=d.step_size, help="StepLR: epochs between lr drops")
     p.add_argument("--gamma", type=float, default=d.gamma, help="StepLR: lr factor at each drop")
     p.add_argument("--seeds", type=_seeds, default=d.seeds, metavar="S1,S2,...",
                    help="run once per seed (directories <mode>-<seed>) and report mean ± std; overrides --seed")
-    p.add_argument("--workers", type=int, default=d.workers, help="data-loading processes; -1: automatic")
-    p.add_argument("--threads", type=int, default=d.threads,
+    p.add_argument("--workers", type=cli.integer, default=d.workers, help="data-loading processes; -1: automatic")
+    p.add_argument("--threads", type=cli.integer, default=d.threads,
                    help="CPU threads for the network; 0: automatic (the cores not already busy)")
     p.add_argument("--strict", action="store_true", help="an undecodable image is fatal instead of skipped")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")

@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
                     "hyper-parameter by stratified k-fold CV on train, report val metrics, and save "
                     "<cache>/heads/<name>.joblib plus a JSON sidecar.")
     cli._common(p, d)
-    p.add_argument("--views", type=int, default=d.views,
+    p.add_argument("--views", type=cli.integer, default=d.views,
                    help="augmented views per train image of the cache to read (as given to `features`)")
     p.add_argument("--features", default=d.features, metavar="FILE",
                    help="an explicit feature cache file; default: the one `features` makes for these options")
@@ -27,12 +27,13 @@ def add_parser(sub) -> None:
                    help="heads to fit, comma- or space-separated: logistic, sgd_log, sgd_hinge, linear_svm, "
                         "ridge, knn, nearest_centroid, or all")
     p.add_argument("--use-views", action="store_true", help="train on the cached augmented views too")
-    p.add_argument("--cv-folds", type=int, default=d.cv_folds, help="stratified CV folds on train")
+    p.add_argument("--cv-folds", type=cli.integer, default=d.cv_folds, help="stratified CV folds on train")
     p.add_argument("--out-of-core", action="store_true",
                    help="train the SGD heads by streaming HDF5 chunks into partial_fit")
-    p.add_argument("--chunk-rows", type=int, default=d.chunk_rows, help="rows per partial_fit step (out-of-core)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over train (out-of-core)")
-    p.add_argument("--jobs", type=int, default=d.jobs, help="CV folds fitted in parallel threads")
+    p.add_argument("--chunk-rows", type=cli.integer, default=d.chunk_rows,
+                   help="rows per partial_fit step (out-of-core)")
+    p.add_argument("--epochs", type=cli.integer, default=d.epochs, help="passes over train (out-of-core)")
+    p.add_argument("--jobs", type=cli.integer, default=d.jobs, help="CV folds fitted in parallel threads")
     p.add_argument("--format", choices=("joblib", "skops"), default=d.format,
                    help="model file format; skops loads without running arbitrary code (needs skops)")
     p.set_defaults(handler=_run)

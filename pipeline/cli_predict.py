@@ -10,6 +10,8 @@ __all__ = ["add_parser"]
 
 
 def add_parser(sub) -> None:
+    from . import cli
+
     d = config.PredictConfig()
     p = sub.add_parser("predict", help="classify images with a saved head",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -22,7 +24,7 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", default=d.weights,
                    help="backbone weights (imagenet | random | PATH); default: those the head was fitted on")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per forward pass; 0: automatic")
+    p.add_argument("--batch-size", type=cli.integer, default=d.batch_size, help="images per forward pass; 0: automatic")
     p.add_argument("--format", choices=("table", "csv", "json"), default=d.format, help="output format")
     p.set_defaults(handler=_run)
 
