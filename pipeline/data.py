@@ -67,19 +67,29 @@ def is_image_file(name: str) -> bool:
     return not base.startswith(".") and os.path.splitext(base)[1].lower() in _OPENABLE
 
 
+def _utf8(path: str) -> str:
+    """``path``, if its name is valid UTF-8 (paths are stored as UTF-8 in caches and results)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise UserError(f"'{shown}' has a name that is not valid UTF-8 (shown with \\x escapes); rename it") from None
+    return path
+
+
 def _walk_images(folder: str) -> List[str]:
     """Image files under ``folder``, recursively, hidden files and folders excluded, sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in filenames if is_image_file(f))
+        found.extend(_utf8(os.path.join(dirpath, f)) for f in filenames if is_image_file(f))
     return sorted(found)
 
 
 def _class_dirs(split_dir: str) -> List[str]:
     return sorted(
         d for d in os.listdir(split_dir)
-        if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d))
+        if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)) and _utf8(os.path.join(split_dir, d))
     )
 
 
@@ -113,6 +123,7 @@ def discover(root: str) -> DataSet:
     """
     if not os.path.isdir(root) and os.path.normpath(root) == os.path.normpath(DEFAULT_DATA_DIR):
         _download_default(root)
+    _utf8(os.path.abspath(root))
     if not os.path.isdir(root):
         raise UserError(
             f"data folder {root!r} does not exist; pass --data DIR (make: DATA_DIR=DIR) "
@@ -161,7 +172,7 @@ def collect_images(inputs: Sequence[str]) -> List[str]:
         if os.path.isdir(entry):
             paths.extend(_walk_images(entry))
         elif os.path.isfile(entry):
-            paths.append(entry)
+            paths.append(_utf8(entry))
         else:
             raise UserError(f"{entry!r} is neither an image file nor a folder; check the path")
     return paths
