@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import backbone, data, metrics, store
-from .config import FinetuneConfig
+from .config import MAX_PARALLEL, FinetuneConfig
 from .errors import UserError
 from .features import default_batch_size, default_workers
 
@@ -187,9 +187,10 @@ def _validate(cfg: FinetuneConfig) -> None:
         ("epochs", cfg.epochs >= 1, ">= 1"), ("batch-size", cfg.batch_size >= 1, ">= 1"),
         ("lr", cfg.lr > 0 and math.isfinite(cfg.lr), "> 0"),
         ("momentum", 0 <= cfg.momentum < 1, "in [0, 1)"),
-        ("weight-decay", cfg.weight_decay >= 0, ">= 0"), ("step-size", cfg.step_size >= 1, ">= 1"),
-        ("gamma", cfg.gamma > 0, "> 0"), ("workers", cfg.workers >= -1, ">= 0 (or -1 for automatic)"),
-        ("threads", cfg.threads >= 0, ">= 0 (0 for automatic)"),
+        ("weight-decay", 0 <= cfg.weight_decay < math.inf, ">= 0 and finite"),
+        ("step-size", cfg.step_size >= 1, ">= 1"), ("gamma", 0 < cfg.gamma < math.inf, "> 0 and finite"),
+        ("workers", -1 <= cfg.workers <= MAX_PARALLEL, f"between 0 and {MAX_PARALLEL} (or -1 for automatic)"),
+        ("threads", 0 <= cfg.threads <= MAX_PARALLEL, f"between 0 and {MAX_PARALLEL} (0 for automatic)"),
         ("seed", cfg.seed >= 0, ">= 0"),
     ]
     for name, ok, rule in checks:
@@ -471,14 +472,22 @@ def _save_json(obj: dict, path: str) -> None:
 
 
 def _load_pt(path: str) -> Optional[dict]:
-    """A checkpoint of this project, on CPU whatever device saved it; None when unusable."""
+    """A checkpoint of this project, on CPU whatever device saved it; None when missing or of
+    another format version (start over).
+
+    Raises
+    ------
+    UserError
+        The file is damaged. Checkpoints are written atomically, so this is damage from
+        outside (a disk, a copy): say so rather than silently train again over the results.
+    """
     if not os.path.isfile(path):
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a damaged file is not worth resuming from: start over
-        log.warning("ignoring unreadable checkpoint %s (%s)", path, type(exc).__name__)
-        return None
+    except Exception as exc:
+        raise UserError(f"checkpoint {path!r} is damaged ({type(exc).__name__}); restore it, or rerun with "
+                        "--rebuild to train this run again from the start") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != RUN_FORMAT \
             or ckpt.get("format_version") != RUN_FORMAT_VERSION:
         return None
@@ -603,13 +612,30 @@ def _existing(directory: str, key: str, epochs: int) -> Tuple[Optional[dict], Op
             done = json.load(fh)
     except (OSError, ValueError):
         done = None
+    if ckpt["best_epoch"] and _load_pt(os.path.join(directory, "best.pt")) is None:
+        raise UserError(f"checkpoint {os.path.join(directory, 'best.pt')!r} is missing or not this "
+                        "project's; restore it, or rerun with --rebuild to train this run again from the start")
     if done and done.get("complete") and done.get("key") == key and done.get("epochs") == epochs \
             and ckpt["epoch"] == epochs:
+        _repair_history(directory, ckpt)
         return done, ckpt
     path = os.path.join(directory, "metrics.json")
     if os.path.exists(path):
         os.remove(path)  # about to train further: the old result is no longer the run's
     return None, ckpt
+
+
+def _repair_history(directory: str, ckpt: dict) -> None:
+    """Rewrite a damaged history.json of a complete run from last.pt, which holds the same list."""
+    path = os.path.join(directory, "history.json")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            if isinstance(json.load(fh).get("epochs"), list):
+                return
+    except (OSError, ValueError, AttributeError):
+        pass
+    log.warning("rewriting the damaged or missing %s from last.pt", path)
+    _save_json({"epochs": ckpt["history"]}, path)
 
 
 def _run_one(cfg: FinetuneConfig, seed: int, dataset: data.DataSet, splits: Dict[str, List[data.Item]],

@@ -37,7 +37,7 @@ from sklearn.svm import LinearSVC
 
 from . import metrics as metrics_mod
 from . import store
-from .config import HeadsConfig
+from .config import MAX_PARALLEL, HeadsConfig
 from .errors import UserError
 from .heads_cv import TrainData, cross_validate, l2svm_path, logistic_path, make_folds, ridge_path, splitter
 
@@ -476,6 +476,8 @@ def _validate(cfg: HeadsConfig) -> Tuple[str, ...]:
     for name in ("chunk_rows", "epochs", "jobs"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
+    if cfg.jobs > MAX_PARALLEL:
+        raise UserError(f"--jobs {cfg.jobs} must be at most {MAX_PARALLEL} (threads)")
     if cfg.out_of_core:
         if cfg.use_views:
             raise UserError("--out-of-core streams plain features only; drop --use-views or --out-of-core")
