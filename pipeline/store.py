@@ -229,7 +229,8 @@ def _open(path: str) -> h5py.File:
         ) from None
     if f.attrs.get("format") != FORMAT:
         f.close()
-        raise UserError(f"{path!r} is not a feature cache of this project (no format={FORMAT!r} attribute)")
+        raise UserError(f"{path!r} is not a feature cache of this project (no format={FORMAT!r} attribute); "
+                        "pass a cache that `python -m pipeline features` made, or rerun it with --rebuild")
     if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
         version = f.attrs.get("format_version")
         f.close()
