@@ -49,3 +49,13 @@ def real_data() -> Path:
 def _offline_torch_home(tmp_path, monkeypatch):
     """Keep tests away from the user's hub cache; nothing is downloaded in tests."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability figures (README): faults tried and how many lost or corrupted anything."""
+    from tests import faults
+
+    if faults.FIGURES:
+        terminalreporter.section("reliability figures")
+        for line in faults.summary():
+            terminalreporter.write_line(line)
