@@ -58,15 +58,21 @@ def worker(args) -> None:
                          batch_size=args.batch_size)
     result = features.run(cfg)
     rank = int(os.environ.get("RANK", "0"))
-    report = {"rank": rank, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    me, loaders = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    report = {"rank": rank, "maxrss_mb": me.ru_maxrss / 1024,
+              # CPU seconds of this rank and its (finished) loader processes: the cost, whatever the load.
+              "cpu_s": me.ru_utime + me.ru_stime + loaders.ru_utime + loaders.ru_stime}
     if result.primary:
         report["result"] = dataclasses.asdict(result)
     with open(f"{args.out}.rank{rank}.json", "w") as fh:
         json.dump(report, fh)
 
 
-def extract(data: str, nproc: int, batch_size: int = 0) -> dict:
-    """Cold extraction of ``data`` by ``nproc`` processes (torchrun when > 1), as a fresh command."""
+def extract(data: str, nproc: int, batch_size: int = 0, threads: int = 0) -> dict:
+    """Cold extraction of ``data`` by ``nproc`` processes (torchrun when > 1), as a fresh command.
+
+    ``threads``: OMP_NUM_THREADS per process (0: torchrun's 1 per rank, torch's default alone).
+    """
     tmp = tempfile.mkdtemp(prefix="bench-dist-")
     out = os.path.join(tmp, "report")
     entry = [os.path.abspath(__file__), "--worker", "--data", data, "--cache", os.path.join(tmp, "cache"),
@@ -76,8 +82,10 @@ def extract(data: str, nproc: int, batch_size: int = 0) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry]
     else:
         cmd = [sys.executable, *entry]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    load = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"extraction failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
@@ -88,6 +96,8 @@ def extract(data: str, nproc: int, batch_size: int = 0) -> dict:
         "processes": nproc, "images": result["computed"], "extract_s": result["seconds"],
         "images_per_s": result["images_per_s"], "wall_s": wall, "wall_images_per_s": result["computed"] / wall,
         "timings": result["timings"], "maxrss_mb": [r["maxrss_mb"] for r in ranks],
+        "cpu_ms_per_image": 1000 * sum(r["cpu_s"] for r in ranks) / max(1, result["computed"]),
+        "threads": threads, "load_before": load, "load_after": os.getloadavg()[0],
     }
 
 
@@ -95,8 +105,8 @@ def _line(tag: str, m: dict) -> str:
     t = m["timings"]
     rss = "/".join(f"{x:.0f}" for x in m["maxrss_mb"])
     return (f"{tag:<22} {m['images']:>6} img | extraction {m['images_per_s']:6.1f} img/s ({m['extract_s']:6.1f} s) | "
-            f"command {m['wall_s']:6.1f} s ({m['wall_images_per_s']:5.1f} img/s) | plan {t['plan']:.2f} s, "
-            f"write {t['write']:.2f} s | peak RSS per process {rss} MB")
+            f"command {m['wall_s']:6.1f} s | CPU {m['cpu_ms_per_image']:4.0f} ms/img | plan {t['plan']:.2f} s, "
+            f"write {t['write']:.2f} s | peak RSS per process {rss} MB | load {m['load_before']:.1f}->{m['load_after']:.1f}")
 
 
 # ---------------------------------------------------------------- (b) synthetic sets
@@ -275,9 +285,12 @@ def main() -> None:
     if not args.skip_real:
         data = os.path.abspath(args.data or default_data())
         print(f"(a) {data}: one process vs torchrun --nproc_per_node={args.nproc}")
-        report["real"] = [extract(data, n, args.batch_size) for n in (1, args.nproc)]
-        for m in report["real"]:
-            print("  " + _line(f"{m['processes']} process(es)", m))
+        report["real"] = []
+        for n, threads, tag in ((1, 0, "1 process"), (1, 1, "1 process, 1 thread"),
+                                (args.nproc, 0, f"{args.nproc} processes")):
+            m = extract(data, n, args.batch_size, threads)
+            report["real"].append(m)
+            print("  " + _line(tag, m), flush=True)
 
     if not args.skip_scaling:
         sizes = [int(s) for s in args.sizes.split(",") if s]

@@ -131,15 +131,20 @@ def test_killed_distributed_run_resumes_each_ranks_remaining_work(reference, tmp
     script.write_text(_SLOW_RANK)
     proc = _torchrun(data, tmp_path / "c", "--batch-size", "2", script=script, wait=False)
     pattern = str(tmp_path / "c/features/*.parts/rank*-of-2-*.npz")
+
+    def both_ranks_saved_parts() -> bool:
+        names = glob.glob(pattern)
+        return len(names) >= 4 and {os.path.basename(n)[:10] for n in names} == {"rank0-of-2", "rank1-of-2"}
+
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and len(glob.glob(pattern)) < 4:
+    while time.time() < deadline and proc.poll() is None and not both_ranks_saved_parts():
         time.sleep(0.05)
     _kill_tree(proc)
-    names = glob.glob(pattern)
-    assert {os.path.basename(n)[:10] for n in names} == {"rank0-of-2", "rank1-of-2"}, names
-    done = store.read_parts(os.path.dirname(names[0]))
-    assert 4 <= len(done) < 17
     assert not glob.glob(str(tmp_path / "c/features/*.h5"))  # nothing partial under the final name
+    cache = glob.glob(str(tmp_path / "c/features/*.parts"))[0][: -len(".parts")]
+    # What the ranks had finished: batches (parts), and the shard of a rank that was done.
+    done = {**store.read_shards(cache), **store.read_parts(store.parts_dir(cache))}
+    assert 4 <= len(done) < 17
 
     rc, out, err = _torchrun(data, tmp_path / "c")
     assert rc == 0, err[-3000:]
