@@ -167,6 +167,13 @@ def _environment_error(exc: OSError, args: Optional[argparse.Namespace]) -> Opti
     return f"{os.strerror(exc.errno).lower()}{place}; {hint}"
 
 
+def _print_error(line: str) -> None:
+    """``line`` on stderr, whatever the stream accepts: undecodable bytes of a command line
+    (surrogates) and letters the encoding lacks are shown as escapes rather than crash."""
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    print(f"error: {line}".encode(encoding, "backslashreplace").decode(encoding), file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
@@ -180,13 +187,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return EXIT_USER
     except OSError as exc:
         line = None if debug else _environment_error(exc, args)
         if line is None:
             raise
-        print(f"error: {line}", file=sys.stderr)
+        _print_error(line)
         return EXIT_USER
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume where it stopped", file=sys.stderr)
