@@ -168,7 +168,7 @@ _LONG = settings(max_examples=120, deadline=None, database=None,
 
 @pytest.fixture
 def no_figures(monkeypatch):
-    """compare's figures take seconds each and read no option the fuzzer varies; the long run keeps them."""
+    """compare's figures take seconds each and read no option the fuzzer varies (test_compare covers them)."""
     from pipeline import compare
 
     monkeypatch.setattr(compare, "_figures", lambda *args, **kwargs: {})
@@ -186,7 +186,7 @@ def test_fuzzed_options_never_crash(stage, project, capsys, no_figures):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", STAGES)
-def test_fuzzed_options_never_crash_long(stage, project, capsys):
+def test_fuzzed_options_never_crash_long(stage, project, capsys, no_figures):
     @_LONG
     @given(command_lines(stage, project))
     def check(argv):
