@@ -10,8 +10,6 @@ The fast suite runs a few derandomized examples per stage; ``make test-all`` run
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
 
@@ -131,8 +130,9 @@ def copy(small, tmp_path):
     """A private copy of ``small``'s cache folder (same file names: same data root)."""
     cache = tmp_path / "cache"
     shutil.copytree(small["cache"], cache)
-    return {"data": small["data"], "cache": cache, "features": str(cache / os.path.relpath(small["features"], small["cache"])),
-            "run": cache / "runs" / "fixed", "pristine": small}
+    features_path = str(cache / os.path.relpath(small["features"], small["cache"]))
+    return {"data": small["data"], "cache": cache, "features": features_path, "run": cache / "runs" / "fixed",
+            "pristine": small}
 
 
 def _features_cli(data, cache, *extra) -> List[str]:
@@ -258,7 +258,8 @@ HEAD_CORRUPTIONS = {
     "model file with one byte flipped": ("logistic.joblib", _flip),
     "model file truncated": ("logistic.joblib", lambda p: _truncate(p, 0.5)),
     "model file deleted": ("logistic.joblib", os.remove),
-    "model file swapped for another head's": ("logistic.joblib", lambda p: shutil.copy(Path(p).with_name("ridge.joblib"), p)),
+    "model file swapped for another head's": ("logistic.joblib",
+                                              lambda p: shutil.copy(Path(p).with_name("ridge.joblib"), p)),
     "sidecar garbage": ("logistic.json", _garbage),
 }
 
