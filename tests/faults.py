@@ -67,6 +67,9 @@ import importlib, json, os, signal, sys, time
 spec, preprocess = json.loads(sys.argv[1]), json.loads(sys.argv[2])
 from pipeline import config
 config.PREPROCESS.update(preprocess)
+from pipeline.cli import main
+if not spec["target"]:
+    sys.exit(main(sys.argv[3:]))
 module_name, attr = spec["target"].split(":")
 owner = importlib.import_module(module_name)
 parts = attr.split(".")
@@ -96,7 +99,6 @@ def wrapper(*args, **kwargs):
     return out
 
 setattr(owner, parts[-1], wrapper)
-from pipeline.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -109,7 +111,7 @@ def slow(target: str, seconds: float, match: str = "") -> KillPoint:
 def start(argv: List[str], point: Optional[KillPoint] = None, preprocess: Optional[dict] = None,
           env: Optional[dict] = None) -> subprocess.Popen:
     """Start ``python -m pipeline <argv>`` (with a kill point, or a slow call, when given)."""
-    point = point or KillPoint("none", "os:getpid", call=0)
+    point = point or KillPoint("none", "")
     cmd = [sys.executable, "-c", _WRAPPER, point.spec(), json.dumps(preprocess or {}), *argv]
     full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
