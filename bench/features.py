@@ -68,15 +68,42 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def head_predictions(path: str) -> np.ndarray:
+def precision_agreement(path: str, weights, device, precision: str, batch: int, limit: int) -> dict:
+    """Val images through fp32 and ``precision``: speed, feature cosine, head predictions changed.
+
+    ``limit`` caps the images (0: all): bf16 on a CPU without native bf16 is very slow.
+    """
+    meta = store.read_meta(path)
+    fp32_feats, _, rels, _ = store.read_split(path, "val")
+    rels = rels[:limit] if limit else rels
+    dataset = data.ExtractionDataset(meta["data_root"], rels)
+    images = torch.stack([dataset[i]["image"] for i in range(len(rels))]).contiguous(memory_format=torch.channels_last)
+    model = backbone.feature_extractor(weights, device)
+    out, speed = {}, {}
+    with torch.inference_mode():
+        for prec in ("fp32", precision):
+            with backbone.autocast(device, prec):
+                model(images[:2].to(device))  # warm-up
+                start = time.perf_counter()
+                out[prec] = torch.cat([model(images[i:i + batch].to(device)).float().cpu()
+                                       for i in range(0, len(rels), batch)]).numpy()
+            speed[prec] = len(rels) / (time.perf_counter() - start)
+    cos = cosine_rows(out["fp32"], out[precision])
+    head = fitted_head(path)
+    changed = int((head.predict(out["fp32"]) != head.predict(out[precision])).sum())
+    return {"images": len(rels), "img_s": speed[precision], "fp32_img_s": speed["fp32"],
+            "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+            "head_val_predictions_changed": changed}
+
+
+def fitted_head(path: str):
+    """A logistic head fitted on the cache's fp32 train features."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     xtr, ytr, _, _ = store.read_split(path, "train")
-    xva, _, _, _ = store.read_split(path, "val")
-    head = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(xtr, ytr)
-    return head.predict(xva)
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)).fit(xtr, ytr)
 
 
 def draft_agreement(data_dir: str, weights, device) -> dict:
@@ -124,7 +151,7 @@ def heads_seconds(path: str) -> float:
         from pipeline.config import HeadsConfig
     except ImportError:
         start = time.perf_counter()
-        head_predictions(path)
+        fitted_head(path)
         return time.perf_counter() - start
     start = time.perf_counter()
     heads.run(HeadsConfig(features=path, cache=tempfile.mkdtemp(prefix="bench-heads-")))
@@ -136,6 +163,8 @@ def main() -> None:
     parser.add_argument("--data", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip-tutorial", action="store_true", help="skip the slow tutorial-loop epoch")
+    parser.add_argument("--precision-images", type=int, default=None,
+                        help="val images for the bf16/fp16 comparison (default: all on CUDA, 64 on CPU)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     data_dir = args.data or default_data()
@@ -168,19 +197,13 @@ def main() -> None:
     print(f"warm rerun: {warm_s:.2f} s in process (target <= 2 s); {warm_cli_s:.2f} s as a command "
           "(python start-up and `import torch` included)")
 
-    _, low = cold_extraction(data_dir, fast_precision, args.device)
-    bare_low = bare_forward(weights, device, fast_precision, batch, low.computed)
-    a, _, _, _ = store.read_split(fp32.path, "val")
-    b, _, _, _ = store.read_split(low.path, "val")
-    cos = cosine_rows(a, b)
-    changed = int((head_predictions(fp32.path) != head_predictions(low.path)).sum())
-    report[fast_precision] = {"extract_img_s": low.images_per_s, "bare_img_s": bare_low,
-                              "speedup_vs_fp32": low.images_per_s / fp32.images_per_s,
-                              "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
-                              "head_val_predictions_changed": changed, "val_images": len(a)}
-    print(f"{fast_precision}  extraction {low.images_per_s:7.1f} img/s | bare forward {bare_low:7.1f} img/s | "
-          f"{low.images_per_s / fp32.images_per_s:.2f}x fp32 | feature cosine vs fp32 min {cos.min():.5f} "
-          f"mean {cos.mean():.5f} | logistic head val predictions changed: {changed}/{len(a)}")
+    low = precision_agreement(fp32.path, weights, device, fast_precision, batch,
+                              args.precision_images or (0 if device.type == "cuda" else 64))
+    report[fast_precision] = low
+    print(f"{fast_precision}  forward {low['img_s']:7.1f} img/s vs fp32 {low['fp32_img_s']:7.1f} img/s "
+          f"({low['img_s'] / low['fp32_img_s']:.2f}x) on {low['images']} val images | feature cosine vs fp32 "
+          f"min {low['cosine_min']:.5f} mean {low['cosine_mean']:.5f} | logistic head val predictions "
+          f"changed: {low['head_val_predictions_changed']}/{low['images']}")
 
     drafted = draft_agreement(data_dir, weights, device)
     report["draft"] = drafted
