@@ -451,8 +451,10 @@ def _run_distributed(cfg: FeaturesConfig, ctx: distributed.Context, device: torc
                 f"the ranks planned different work for {res.path!r}: the data folder, the cache folder "
                 "and the files in them must be the same (shared) paths on every node")
         if up_to_date:
-            return (_result(res, store.read_meta(res.path), 0, 0.0, up_to_date=True, processes=ctx.world_size)
-                    if ctx.is_primary else _secondary(res, ctx))
+            if not ctx.is_primary:
+                return _secondary(res, ctx)
+            _remove_work_files(res.path)  # left by a run killed after its rename
+            return _result(res, store.read_meta(res.path), 0, 0.0, up_to_date=True, processes=ctx.world_size)
         start = time.perf_counter()
         info, error = None, None
         try:
