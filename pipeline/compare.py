@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import time
-import uuid
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .config import CompareConfig
+from .files import atomic_write
 from .errors import UserError
 
 __all__ = [
@@ -594,15 +594,8 @@ def _notes(res: CompareResult) -> List[str]:
 # --------------------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def _write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def _result_record(r: Result) -> dict:
@@ -830,7 +823,7 @@ def run(cfg: CompareConfig) -> CompareResult:
                         "pass --reports DIR pointing at a writable folder") from None
     res.outputs = {name: os.path.join(cfg.reports, f"compare.{name}") for name in ("md", "csv", "json")}
     res.figures = _figures(res, cfg.reports, cfg.data)
-    _atomic_write(res.outputs["csv"], _csv_text(res))
-    _atomic_write(res.outputs["json"], json.dumps(_json_doc(res), indent=2) + "\n")
-    _atomic_write(res.outputs["md"], _markdown(res, cfg.reports))
+    _write_text(res.outputs["csv"], _csv_text(res))
+    _write_text(res.outputs["json"], json.dumps(_json_doc(res), indent=2) + "\n")
+    _write_text(res.outputs["md"], _markdown(res, cfg.reports))
     return res

@@ -17,7 +17,6 @@ written last, so a run without it is unfinished.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -26,7 +25,6 @@ import os
 import random
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +35,7 @@ from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import backbone, data, metrics, store
+from . import backbone, data, files, metrics, store
 from .config import MAX_PARALLEL, FinetuneConfig
 from .errors import UserError
 from .features import default_batch_size, default_workers
@@ -455,25 +453,12 @@ def _evaluate(s: _Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.
 # --------------------------------------------------------------------------- files
 
 
-def _atomic(path: str, write) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def _save_pt(obj: dict, path: str) -> None:
-    _atomic(path, lambda fh: torch.save(obj, fh))
+    files.atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def _save_json(obj: dict, path: str) -> None:
-    _atomic(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode("utf-8")))
+    files.atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode("utf-8")))
 
 
 def _load_pt(path: str) -> Optional[dict]:
@@ -580,15 +565,6 @@ def _say(message: str, progress: bool) -> None:
         log.info(message)
 
 
-def _remove_temporaries(directory: str) -> None:
-    """Temporary files of a run killed mid-save; under the run's lock no live writer has one."""
-    for name in glob.glob(os.path.join(glob.escape(directory), "*.tmp-*")):
-        try:
-            os.remove(name)
-        except OSError:
-            pass
-
-
 def _clear(directory: str) -> None:
     # metrics.json goes first: from then on the run is visibly unfinished.
     for name in _FILES:
@@ -652,7 +628,7 @@ def _run_one(cfg: FinetuneConfig, seed: int, dataset: data.DataSet, splits: Dict
     settings = _settings(cfg, seed, weights, dataset, splits, device, precision)
     key = store.settings_key(settings)
     with FileLock(os.path.join(directory, ".lock")):
-        _remove_temporaries(directory)
+        files.remove_temporaries(directory)
         if cfg.rebuild:
             _clear(directory)
         done, ckpt = _existing(directory, key, cfg.epochs)

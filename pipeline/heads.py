@@ -12,7 +12,6 @@ Each head is saved as ``<cache>/heads/<name>.joblib`` (or ``.skops``) plus a JSO
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import io
 import json
@@ -21,7 +20,6 @@ import math
 import os
 import platform
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -36,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
 from . import metrics as metrics_mod
-from . import store
+from . import files, store
 from .config import MAX_PARALLEL, HeadsConfig
 from .errors import UserError
 from .heads_cv import TrainData, cross_validate, l2svm_path, logistic_path, make_folds, ridge_path, splitter
@@ -375,28 +373,6 @@ def _serialize(model: Pipeline, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _remove_temporaries(directory: str) -> None:
-    """Temporary files of writers killed mid-save; under the folder's lock no live writer has one."""
-    for name in glob.glob(os.path.join(glob.escape(directory), "*.tmp-*")):
-        try:
-            os.remove(name)
-        except OSError:
-            pass
-
-
 def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tuple[str, str, dict]:
     """Model file, then sidecar, each atomically, under a lock on the heads folder.
 
@@ -413,15 +389,15 @@ def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tu
     model_path = os.path.join(directory, doc["model_file"])
     sidecar = os.path.join(directory, f"{name}.json")
     with FileLock(os.path.join(directory, ".lock")):
-        _remove_temporaries(directory)
+        files.remove_temporaries(directory)
         if os.path.exists(sidecar):
             os.remove(sidecar)
         for other in FORMATS:
             stale = os.path.join(directory, f"{name}.{other}")
             if other != fmt and os.path.exists(stale):
                 os.remove(stale)
-        _atomic_write(model_path, data)
-        _atomic_write(sidecar, text)
+        files.atomic_write(model_path, lambda fh: fh.write(data))
+        files.atomic_write(sidecar, lambda fh: fh.write(text))
     return model_path, sidecar, json.loads(text)  # what was written (another run may replace it)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -19,6 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+from .files import atomic_write
 
 __all__ = [
     "Point",
@@ -69,13 +70,7 @@ def _figure(width: float, height: float, dpi: int = _DPI) -> Figure:
 def _save(fig: Figure, path: str) -> str:
     """Write the PNG under a temporary name, then rename: a file under ``path`` is complete."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        fig.savefig(tmp, format="png", dpi=fig.dpi, facecolor="white")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=fig.dpi, facecolor="white"))
     return path
 
 

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from pipeline import cli, config, features, finetune, heads, store
+from pipeline import files as atomic_files  # the one writer of heads, checkpoints and reports
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig
 from tests import faults
 from tests.conftest import make_dataset, make_image
@@ -518,7 +519,7 @@ def test_failed_final_write_keeps_every_computed_batch(fault, tmp_path, capsys, 
 def test_full_disk_while_saving_heads_and_checkpoints(copy, capsys, monkeypatch, fast_weights):
     with faults.case("bad inputs", "no space left: saving a head"):
         with monkeypatch.context() as mp:
-            _Full(mp, heads)
+            _Full(mp, atomic_files)
             _one_line_exit_2(capsys, ["heads", "--features", copy["features"], "--cache", str(copy["cache"]),
                                       "--heads", "logistic", "--cv-folds", "2", "--rebuild"], "no space left")
         _heads_consistent(copy["cache"])
@@ -527,7 +528,7 @@ def test_full_disk_while_saving_heads_and_checkpoints(copy, capsys, monkeypatch,
     with faults.case("bad inputs", "no space left: saving a checkpoint"):
         shutil.rmtree(copy["run"])
         with monkeypatch.context() as mp:
-            full = _Full(mp, finetune)
+            full = _Full(mp, atomic_files)
             _one_line_exit_2(capsys, _finetune_cli(copy["data"], copy["cache"]), "no space left", str(copy["cache"]))
             assert full.hits == 1
         assert not (copy["run"] / "metrics.json").exists() and not glob.glob(str(copy["run"] / "*.tmp-*"))
@@ -537,7 +538,7 @@ def test_full_disk_while_saving_heads_and_checkpoints(copy, capsys, monkeypatch,
         from pipeline import compare
 
         with monkeypatch.context() as mp:
-            _Full(mp, compare)
+            _Full(mp, atomic_files)
             mp.setattr(compare, "_figures", lambda *a, **k: {})
             _one_line_exit_2(capsys, ["compare", "--cache", str(copy["cache"]), "--reports",
                                       str(copy["cache"] / "reports")], "no space left", "--reports")
@@ -639,7 +640,7 @@ HEAD_KILLS = [
     KillPoint("start-up: reading the cache", "pipeline.store:read_meta"),
     KillPoint("mid-fit: cross-validating the 2nd head", "pipeline.heads:cross_validate", call=2),
     KillPoint("final save: model written, not yet renamed", "os:replace", match=".joblib')"),
-    KillPoint("final save: model renamed, sidecar not yet written", "pipeline.heads:_atomic_write", call=2),
+    KillPoint("final save: model renamed, sidecar not yet written", "pipeline.files:atomic_write", call=2),
     KillPoint("final save: sidecar written, not yet renamed", "os:replace", match=".json')"),
     KillPoint("between heads: the 1st saved", "pipeline.heads:_save", call=2),
 ]
