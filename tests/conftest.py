@@ -45,6 +45,23 @@ def real_data() -> Path:
     return Path(path)
 
 
+SMALL_PREPROCESS = {"resize": 40, "crop": 32}
+
+
+@pytest.fixture
+def small_images(monkeypatch):
+    """32-pixel crops keep a ResNet18 pass cheap; one thread avoids OpenMP stalls on busy cores."""
+    import torch
+    from pipeline import config
+
+    for key, value in SMALL_PREPROCESS.items():
+        monkeypatch.setitem(config.PREPROCESS, key, value)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _offline_torch_home(tmp_path, monkeypatch):
     """Keep tests away from the user's hub cache; nothing is downloaded in tests."""

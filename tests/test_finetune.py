@@ -24,15 +24,7 @@ FROZEN_BY = {"fixed": ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer
              "partial": ("conv1.", "bn1.", "layer1.", "layer2.")}  # partial: --trainable-from layer3
 
 
-@pytest.fixture(autouse=True)
-def _small_and_single_threaded(monkeypatch):
-    """32-pixel crops keep a ResNet18 step cheap; one thread avoids OpenMP stalls on busy cores."""
-    monkeypatch.setitem(config.PREPROCESS, "resize", 40)
-    monkeypatch.setitem(config.PREPROCESS, "crop", 32)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("small_images")
 
 
 def _cfg(data, cache, **kw) -> FinetuneConfig:

@@ -11,26 +11,18 @@ The fast suite runs a few derandomized examples per stage; ``make test-all`` run
 from __future__ import annotations
 
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline import cli, config, features, heads
 from pipeline.config import FeaturesConfig, HeadsConfig
 from tests import faults
-from tests.conftest import make_dataset
+from tests.conftest import SMALL_PREPROCESS, make_dataset
 
-SMALL = {"resize": 40, "crop": 32}
+SMALL = SMALL_PREPROCESS
 
 
-@pytest.fixture(autouse=True)
-def _small_and_single_threaded(monkeypatch):
-    for key, value in SMALL.items():
-        monkeypatch.setitem(config.PREPROCESS, key, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("small_images")
 
 
 @pytest.fixture(scope="module")

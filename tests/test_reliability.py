@@ -31,20 +31,13 @@ from pipeline import cli, config, features, finetune, heads, store
 from pipeline import files as atomic_files  # the one writer of heads, checkpoints and reports
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig
 from tests import faults
-from tests.conftest import make_dataset, make_image
+from tests.conftest import SMALL_PREPROCESS, make_dataset, make_image
 from tests.faults import KillPoint
 
-SMALL = {"resize": 40, "crop": 32}  # small crops keep every ResNet18 pass cheap (as in test_finetune)
+SMALL = SMALL_PREPROCESS
 
 
-@pytest.fixture(autouse=True)
-def _small_and_single_threaded(monkeypatch):
-    for key, value in SMALL.items():
-        monkeypatch.setitem(config.PREPROCESS, key, value)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("small_images")
 
 
 def _features_cfg(data, cache, **kw) -> FeaturesConfig:
