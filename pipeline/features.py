@@ -25,7 +25,7 @@ import torch
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from . import backbone, data, distributed, store
+from . import backbone, data, distributed, files, store
 from .config import FEATURE_DIM, MAX_PARALLEL, MAX_VIEWS, FeaturesConfig
 from .errors import UserError
 
@@ -131,14 +131,6 @@ def _validate(cfg: FeaturesConfig) -> None:
         raise UserError(f"--dist-timeout {cfg.dist_timeout} must be > 0 seconds and finite")
 
 
-def _sha1(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[store.Row]], Dict[str, List[Tuple[str, os.stat_result]]]]:
     """Reuse every known row whose file is unchanged; list the images still to compute."""
     reused: Dict[str, List[store.Row]] = {}
@@ -151,7 +143,7 @@ def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[st
             row = known.get(item.relpath)
             if row is not None and (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns):
                 # Touched but maybe not changed: the content hash decides.
-                if row.sha1 == _sha1(full):
+                if row.sha1 == files.file_digest(full):
                     row.size, row.mtime_ns = st.st_size, st.st_mtime_ns
                 else:
                     row = None

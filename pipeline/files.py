@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import uuid
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "remove_temporaries"]
+__all__ = ["atomic_write", "remove_temporaries", "file_digest"]
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
@@ -34,3 +35,12 @@ def remove_temporaries(directory: str) -> None:
             os.remove(name)
         except OSError:
             pass
+
+
+def file_digest(path: str, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

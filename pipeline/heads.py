@@ -401,21 +401,13 @@ def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tu
     return model_path, sidecar, json.loads(text)  # what was written (another run may replace it)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _up_to_date(directory: str, name: str, settings: dict) -> Optional[HeadRow]:
     sidecar = os.path.join(directory, f"{name}.json")
     try:
         with open(sidecar, encoding="utf-8") as fh:
             doc = json.load(fh)
         model_path = os.path.join(directory, doc["model_file"])
-        if doc.get("settings") != settings or _sha256_file(model_path) != doc["sha256"]:
+        if doc.get("settings") != settings or files.file_digest(model_path, "sha256") != doc["sha256"]:
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None

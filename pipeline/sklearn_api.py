@@ -14,7 +14,6 @@ cheaply; the network is rebuilt from ``weights`` when needed and its sha256 is c
 from __future__ import annotations
 
 import glob
-import hashlib
 import os
 import re
 import threading
@@ -26,6 +25,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .config import FEATURE_DIM
+from .files import file_digest
 
 __all__ = ["ResNet18Features", "clear_memory"]
 
@@ -50,14 +50,6 @@ def _put(d: OrderedDict, key, value, limit: int) -> None:
     d.move_to_end(key)
     while len(d) > limit:
         d.popitem(last=False)
-
-
-def _file_sha1(path: str) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ResNet18Features(TransformerMixin, BaseEstimator):
@@ -201,7 +193,7 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         sha1 = {}
         for i, path in enumerate(full):
             try:
-                sha1[i] = _file_sha1(path)
+                sha1[i] = file_digest(path)
             except OSError as exc:
                 errors[i] = f"{type(exc).__name__}: {exc.strerror or exc}"
         index = self._cache_index()

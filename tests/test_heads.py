@@ -1,6 +1,7 @@
 """Heads stage: accuracy, honest selection, exact CV paths, persistence, load_head, out-of-core."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -220,7 +221,7 @@ def test_sidecar_schema_and_files(tmp_path, separable):
         assert doc["kind"] == "head" and doc["name"] == row.name and doc["format"] == "joblib"
         assert doc["model_file"] == f"{row.name}.joblib" and os.path.exists(row.model_path)
         assert doc["size_bytes"] == os.path.getsize(row.model_path)
-        assert doc["sha256"] == heads._sha256_file(row.model_path)
+        assert doc["sha256"] == hashlib.sha256(open(row.model_path, "rb").read()).hexdigest()
         f = doc["features"]
         assert f["path"] == separable and f["pretrained"] is False and f["n_images"] == 100
         assert f["content_key"] == store.read_meta(separable)["content_key"]
@@ -262,7 +263,7 @@ def test_concurrent_runs_leave_consistent_pairs(tmp_path, separable):
     for name in ("ridge", "nearest_centroid", "logistic"):
         doc = json.loads((tmp_path / "cache" / "heads" / f"{name}.json").read_text())
         assert heads.load_head(tmp_path / "cache" / "heads" / f"{name}.json").name == name
-        assert doc["sha256"] == heads._sha256_file(str(tmp_path / "cache" / "heads" / doc["model_file"]))
+        assert doc["sha256"] == hashlib.sha256((tmp_path / "cache" / "heads" / doc["model_file"]).read_bytes()).hexdigest()
     assert not [p for p in os.listdir(tmp_path / "cache" / "heads") if ".tmp" in p]
 
 
