@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
+from .config import PRECISIONS
 from .errors import UserError
 
 __all__ = [
@@ -31,7 +32,6 @@ log = logging.getLogger(__name__)
 
 BACKBONE = "resnet18"
 WEIGHT_CHOICES = "imagenet, random, or the path of a state_dict file"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

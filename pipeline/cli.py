@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import sys
+import warnings
 from typing import Callable, Dict, List, Optional
 
 from . import config
@@ -103,32 +104,180 @@ def _run_info(args) -> None:
     print(store.describe(args.path))
 
 
+def _add_heads(sub) -> None:
+    d = config.HeadsConfig()
+    p = sub.add_parser(
+        "heads", help="fit scikit-learn heads (CV on train, metrics on val) on the cached features",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fit each head as Pipeline(StandardScaler, estimator) on the train features, choose its "
+                    "hyper-parameter by stratified k-fold CV on train, report val metrics, and save "
+                    "<cache>/heads/<name>.joblib plus a JSON sidecar.")
+    _common(p, d)
+    p.add_argument("--views", type=integer, default=d.views,
+                   help="augmented views per train image of the cache to read (as given to `features`)")
+    p.add_argument("--features", default=d.features, metavar="FILE",
+                   help="an explicit feature cache file; default: the one `features` makes for these options")
+    p.add_argument("--heads", nargs="+", default=list(d.heads), metavar="NAME",
+                   help="heads to fit, comma- or space-separated: logistic, sgd_log, sgd_hinge, linear_svm, "
+                        "ridge, knn, nearest_centroid, or all")
+    p.add_argument("--use-views", action="store_true", help="train on the cached augmented views too")
+    p.add_argument("--cv-folds", type=integer, default=d.cv_folds, help="stratified CV folds on train")
+    p.add_argument("--out-of-core", action="store_true",
+                   help="train the SGD heads by streaming HDF5 chunks into partial_fit")
+    p.add_argument("--chunk-rows", type=integer, default=d.chunk_rows,
+                   help="rows per partial_fit step (out-of-core)")
+    p.add_argument("--epochs", type=integer, default=d.epochs, help="passes over train (out-of-core)")
+    p.add_argument("--jobs", type=integer, default=d.jobs, help="CV folds fitted in parallel threads")
+    p.add_argument("--format", choices=config.HEAD_FORMATS, default=d.format,
+                   help="model file format; skops loads without running arbitrary code (needs skops)")
+    p.set_defaults(handler=_run_heads)
+
+
+def _run_heads(args) -> None:
+    from . import heads
+
+    args.heads = heads.parse_head_names(args.heads)
+    result = heads.run(_config(config.HeadsConfig, args))
+    print(result.summary())
+
+
+def _seeds(text: str) -> tuple:
+    """``--seeds 0,1,2``: one or more seeds, each in :data:`SEED_RANGE`."""
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("give at least one seed, e.g. 0,1,2")
+    return tuple(seed(str(s)) for s in seeds)
+
+
+def _add_finetune(sub) -> None:
+    d = config.FinetuneConfig()
+    p = sub.add_parser(
+        "finetune", help="train ResNet18 end to end: finetune | scratch | fixed | partial",
+        description="End-to-end training with the reference protocol's defaults; outputs in "
+                    "CACHE/runs/<mode>[-<seed>]/ (best.pt, last.pt, history.json, metrics.json). "
+                    "An interrupted run resumes from last.pt when rerun with the same settings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _common(p, d)
+    p.add_argument("--mode", default=d.mode,
+                   help="finetune: all layers from --weights; scratch: all layers from a seeded random "
+                        "init (ignores --weights); fixed: frozen backbone, fc only; partial: freeze the "
+                        "layers before --trainable-from")
+    p.add_argument("--trainable-from", default=d.trainable_from, metavar="LAYER",
+                   help="partial mode: first trainable stage, layer1 | layer2 | layer3 | layer4")
+    p.add_argument("--bn", default=d.bn,
+                   help="frozen-eval: frozen layers' BatchNorm stays in eval mode (running statistics "
+                        "fixed); train: the tutorial's model.train() everywhere (statistics drift)")
+    p.add_argument("--epochs", type=integer, default=d.epochs, help="training epochs")
+    p.add_argument("--batch-size", type=integer, default=d.batch_size, help="images per optimiser step")
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    p.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="SGD weight decay")
+    p.add_argument("--step-size", type=integer, default=d.step_size, help="StepLR: epochs between lr drops")
+    p.add_argument("--gamma", type=float, default=d.gamma, help="StepLR: lr factor at each drop")
+    p.add_argument("--seeds", type=_seeds, default=d.seeds, metavar="S1,S2,...",
+                   help="run once per seed (directories <mode>-<seed>) and report mean ± std; overrides --seed")
+    p.add_argument("--workers", type=integer, default=d.workers, help="data-loading processes; -1: automatic")
+    p.add_argument("--threads", type=integer, default=d.threads,
+                   help="CPU threads for the network; 0: automatic (the cores not already busy)")
+    p.add_argument("--strict", action="store_true", help="an undecodable image is fatal instead of skipped")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or epoch lines")
+    p.set_defaults(handler=_run_finetune)
+
+
+def _run_finetune(args) -> None:
+    from . import finetune
+
+    result = finetune.run(_config(config.FinetuneConfig, args))
+    print(result.summary())
+
+
+def _add_compare(sub) -> None:
+    d = config.CompareConfig()
+    p = sub.add_parser(
+        "compare", help="put every head and end-to-end run side by side (table, figures, significance)",
+        description="Read cache/heads/*.json and cache/runs/*/metrics.json, write reports/compare.md "
+                    "(table + figures), compare.csv and compare.json, and print the table.")
+    p.add_argument("--cache", default=d.cache, metavar="DIR",
+                   help="cache folder holding heads/ and runs/ (default: %(default)s)")
+    p.add_argument("--reports", default=d.reports, metavar="DIR",
+                   help="where the report and its figures go (default: %(default)s)")
+    p.add_argument("--data", default=d.data, metavar="DIR",
+                   help="compare only results measured on this data folder; results from any other "
+                        "are listed apart (default: the data folder most results share)")
+    p.add_argument("--alpha", type=float, default=d.alpha,
+                   help="significance level of the exact McNemar test against the best method "
+                        "(default: %(default)s)")
+    p.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args) -> None:
+    from . import compare
+
+    with warnings.catch_warnings():
+        # Skipped or excluded results are news for the user: one plain line each on stderr.
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _show_warning
+        result = compare.run(_config(config.CompareConfig, args))
+    print(result.summary())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _add_predict(sub) -> None:
+    d = config.PredictConfig()
+    p = sub.add_parser("predict", help="classify images with a saved head",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Class and probability per image; folders are searched recursively. "
+                                   "Files that cannot be decoded are reported and skipped.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("--head", required=True, metavar="NAME",
+                   help="a head name under <cache>/heads/ (e.g. logistic), or the path of its .json or model file")
+    p.add_argument("--cache", default=d.cache, metavar="DIR", help="cache folder holding heads/")
+    p.add_argument("--weights", default=d.weights,
+                   help="backbone weights (imagenet | random | PATH); default: those the head was fitted on")
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=integer, default=d.batch_size, help="images per forward pass; 0: automatic")
+    p.add_argument("--format", choices=config.PREDICT_FORMATS, default=d.format, help="output format")
+    p.set_defaults(handler=_run_predict)
+
+
+def _run_predict(args) -> None:
+    from . import predict
+
+    args.inputs = tuple(args.inputs)
+    result = predict.run(_config(config.PredictConfig, args))
+    print(result.render(args.format))
+    if result.skipped and args.format != "table":
+        print(f"{len(result.skipped)} file(s) could not be decoded and were skipped (listed in the output)",
+              file=sys.stderr)
+    if not result.predictions:
+        raise UserError(f"none of the {len(result.skipped)} image file(s) could be decoded; nothing was classified")
+
+
 def _config(cls, args):
     """Build a stage config from the parsed options whose names match its fields."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in vars(args).items() if k in names})
 
 
-# Stages register here; each adds its own sub-parser (``add(sub)``).
-STAGES: Dict[str, Callable] = {"features": _add_features, "info": _add_info}
-
-
-def _register_optional_stages() -> None:
-    """Stages living in their own cli_* modules add themselves when present."""
-    import importlib
-
-    for module in ("heads", "finetune", "compare", "predict"):
-        try:
-            mod = importlib.import_module(f".cli_{module}", __package__)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.cli_{module}":
-                raise
-            continue
-        STAGES[module] = mod.add_parser
+# Every stage, in the order ``--help`` lists them; each adds its own sub-parser (``add(sub)``).
+STAGES: Dict[str, Callable] = {
+    "features": _add_features,
+    "info": _add_info,
+    "heads": _add_heads,
+    "finetune": _add_finetune,
+    "compare": _add_compare,
+    "predict": _add_predict,
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    _register_optional_stages()
     parser = _Parser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for every error")
     parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics")

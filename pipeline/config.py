@@ -14,6 +14,12 @@ __all__ = [
     "DEFAULT_DATA_DIR",
     "DEFAULT_CACHE_DIR",
     "DEFAULT_DATA_URL",
+    "PRECISIONS",
+    "HEAD_FORMATS",
+    "MODES",
+    "BN_CHOICES",
+    "TRAINABLE_FROM",
+    "PREDICT_FORMATS",
     "FeaturesConfig",
     "HeadsConfig",
     "FinetuneConfig",
@@ -43,6 +49,15 @@ SPLITS = ("train", "val")
 # Upper bounds of options that size a resource: beyond them a run only exhausts the machine.
 MAX_PARALLEL = 256  # loader processes (--workers), threads (--threads, --jobs)
 MAX_VIEWS = 100  # augmented views per train image (--views)
+
+# The accepted values of the options with a fixed set of choices (the CLI's ``choices`` and
+# the stages' checks read these).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HEAD_FORMATS = ("joblib", "skops")  # model files of a head
+MODES = ("finetune", "scratch", "fixed", "partial")  # end-to-end training modes
+BN_CHOICES = ("frozen-eval", "train")
+TRAINABLE_FROM = ("layer1", "layer2", "layer3", "layer4")
+PREDICT_FORMATS = ("table", "csv", "json")
 
 
 @dataclass(frozen=True)

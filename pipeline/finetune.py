@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import backbone, data, files, metrics, store
-from .config import MAX_PARALLEL, FinetuneConfig
+from .config import BN_CHOICES, MAX_PARALLEL, MODES, TRAINABLE_FROM, FinetuneConfig
 from .errors import UserError
 from .features import default_batch_size, default_workers
 
@@ -53,9 +53,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MODES = ("finetune", "scratch", "fixed", "partial")
-BN_CHOICES = ("frozen-eval", "train")
-TRAINABLE_FROM = ("layer1", "layer2", "layer3", "layer4")
 RUN_FORMAT = "pipeline.run"
 RUN_FORMAT_VERSION = 1
 # The network as an ordered list of stages; a mode freezes a prefix of it.

@@ -35,7 +35,7 @@ from sklearn.svm import LinearSVC
 
 from . import metrics as metrics_mod
 from . import files, store
-from .config import MAX_PARALLEL, HeadsConfig
+from .config import HEAD_FORMATS, MAX_PARALLEL, HeadsConfig
 from .errors import UserError
 from .heads_cv import TrainData, cross_validate, l2svm_path, logistic_path, make_folds, ridge_path, splitter
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 # Bumped when the fitting procedure changes, so saved heads are refitted, not reused.
 PROCEDURE_VERSION = 1
-FORMATS = ("joblib", "skops")
+FORMATS = HEAD_FORMATS
 _SKOPS_TRUSTED_ROOTS = ("sklearn", "numpy", "scipy")
 
 

@@ -16,12 +16,12 @@ from typing import List, Optional
 
 import numpy as np
 
-from .config import PredictConfig
+from .config import PREDICT_FORMATS, PredictConfig
 from .errors import UserError
 
 __all__ = ["PredictResult", "run", "resolve_head", "FORMATS"]
 
-FORMATS = ("table", "csv", "json")
+FORMATS = PREDICT_FORMATS
 
 
 @dataclass

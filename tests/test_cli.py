@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import config
 from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,3 +76,20 @@ def test_help_lists_options_with_defaults(capsys):
                    "--workers", "--views", "--strict", "--rebuild"):
         assert option in out
     assert "default: imagenet" in out
+
+
+@pytest.mark.parametrize("stage", ["features", "info", "heads", "finetune", "compare", "predict"])
+def test_every_stage_has_its_parser(capsys, stage):
+    with pytest.raises(SystemExit) as exc:
+        main([stage, "--help"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: python -m pipeline {stage}")
+
+
+@pytest.mark.parametrize("argv, choices", [
+    (["heads", "--format", "pickle"], config.HEAD_FORMATS),
+    (["predict", "--head", "x", "--format", "xml", "img.jpg"], config.PREDICT_FORMATS),
+])
+def test_choices_come_from_the_config(capsys, argv, choices):
+    line = _user_error(capsys, argv)
+    assert "invalid choice" in line and all(repr(c) in line for c in choices)
