@@ -2,22 +2,19 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import socket
-import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torchvision import transforms
 
 from .config import DEFAULT_DATA_DIR, DEFAULT_DATA_URL, PREPROCESS, SPLITS
 from .errors import UserError
+from .images import _utf8, _walk_images, collect_images, decode_image, is_image_file, load_image
 
 __all__ = [
     "Item",
@@ -35,11 +32,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-Image.init()
-# Extensions PIL can open (not the save-only ones), compared case-insensitively.
-_OPENABLE = {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
 
 @dataclass(frozen=True)
 class Item:
@@ -59,31 +51,6 @@ class DataSet:
 
     def path(self, item: Item) -> str:
         return os.path.join(self.root, item.relpath)
-
-
-def is_image_file(name: str) -> bool:
-    """True for a non-hidden file whose extension PIL can open (any case)."""
-    base = os.path.basename(name)
-    return not base.startswith(".") and os.path.splitext(base)[1].lower() in _OPENABLE
-
-
-def _utf8(path: str) -> str:
-    """``path``, if its name is valid UTF-8 (paths are stored as UTF-8 in caches and results)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        raise UserError(f"'{shown}' has a name that is not valid UTF-8 (shown with \\x escapes); rename it") from None
-    return path
-
-
-def _walk_images(folder: str) -> List[str]:
-    """Image files under ``folder``, recursively, hidden files and folders excluded, sorted."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(_utf8(os.path.join(dirpath, f)) for f in filenames if is_image_file(f))
-    return sorted(found)
 
 
 def _class_dirs(split_dir: str) -> List[str]:
@@ -163,58 +130,6 @@ def discover(root: str) -> DataSet:
     if not splits["val"]:
         raise UserError(f"{os.path.join(root, 'val')!r} has no images; add validation images per class")
     return DataSet(os.path.abspath(root), classes, splits)
-
-
-def collect_images(inputs: Sequence[str]) -> List[str]:
-    """Image files named directly or found (recursively) under the given folders."""
-    paths: List[str] = []
-    for entry in inputs:
-        if os.path.isdir(entry):
-            paths.extend(_walk_images(entry))
-        elif os.path.isfile(entry):
-            paths.append(_utf8(entry))
-        else:
-            raise UserError(f"{entry!r} is neither an image file nor a folder; check the path")
-    return paths
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB the way a person would expect to see it."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # 16-bit or 32-bit samples: rescale; convert("L") would clip everything above 255.
-        arr = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr * (255.0 / top), 0, 255).astype(np.uint8)
-        im = Image.fromarray(arr, mode="L")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        # Composite on white: dropping alpha would expose whatever colour hides under it.
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, rgba)
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
-    """Decode image bytes to an upright RGB PIL image.
-
-    ``draft_size``: for JPEGs whose short side is at least twice this, let libjpeg decode
-    at a reduced scale (a power of two) that keeps the short side >= draft_size.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        im = Image.open(io.BytesIO(data))
-        if draft_size and im.format == "JPEG" and min(im.size) >= 2 * draft_size:
-            im.draft(im.mode, (draft_size, draft_size))
-        im.load()
-        im = ImageOps.exif_transpose(im)
-    return _to_rgb(im)
-
-
-def load_image(path: str, draft_size: Optional[int] = None) -> Image.Image:
-    with open(path, "rb") as fh:
-        return decode_image(fh.read(), draft_size)
 
 
 def _interpolation():
