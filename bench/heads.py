@@ -78,6 +78,7 @@ def write_synthetic_cache(path: str, rows: int, val_rows: int = 2000, dim: int =
     with h5py.File(path, "w") as f:
         meta = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, "backbone": "resnet18",
                 "weights_id": "synthetic", "weights_sha256": "0" * 64, "pretrained": False, "precision": "fp32",
+                "weights": json.dumps({"kind": "random", "seed": 0, "sha256": "0" * 64}),
                 "data_root": "/synthetic", "classes": json.dumps(["a", "b"]), "versions": json.dumps({}),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": "{}", "settings_key": "synthetic",
                 "content_key": f"synthetic-{rows}", "extract_seconds": 0.0, "extract_device": "none",

@@ -14,6 +14,7 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 from .config import PRECISIONS
 from .errors import UserError
+from .records import WeightsRef
 
 __all__ = [
     "BACKBONE",
@@ -37,17 +38,27 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass(frozen=True)
 class Weights:
-    """Resolved backbone weights.
+    """Resolved backbone weights: the state_dict and its structured provenance ``ref``.
 
     ``id`` names the source (``imagenet``, ``random-seed0``, ``file:best.pt``); ``pretrained``
     is False for random init, whose results are labelled "not pretrained" everywhere.
     """
 
-    id: str
-    sha256: str
-    pretrained: bool
+    ref: WeightsRef
     state_dict: Dict[str, torch.Tensor]
     spec: str
+
+    @property
+    def id(self) -> str:
+        return self.ref.id
+
+    @property
+    def sha256(self) -> str:
+        return self.ref.sha256
+
+    @property
+    def pretrained(self) -> bool:
+        return self.ref.pretrained
 
 
 def state_dict_sha256(state_dict: Dict[str, torch.Tensor]) -> str:
@@ -101,17 +112,16 @@ def _file_state_dict(path: str) -> Dict[str, torch.Tensor]:
 def resolve_weights(spec: str, seed: int = 0) -> Weights:
     """Turn ``imagenet``, ``random`` or a file path into a state_dict with provenance."""
     if spec == "imagenet":
-        sd, ident, pretrained = _imagenet_state_dict(), "imagenet", True
+        sd = _imagenet_state_dict()
     elif spec == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             sd = resnet18(weights=None).state_dict()
-        ident, pretrained = f"random-seed{seed}", False
     elif spec and (os.sep in spec or os.path.splitext(spec)[1] or os.path.exists(spec)):
-        sd, ident, pretrained = _file_state_dict(spec), f"file:{os.path.basename(spec)}", True
+        sd = _file_state_dict(spec)
     else:
         raise UserError(f"--weights {spec!r} is not recognised; use {WEIGHT_CHOICES}")
-    return Weights(ident, state_dict_sha256(sd), pretrained, sd, spec)
+    return Weights(WeightsRef.from_spec(spec, state_dict_sha256(sd), seed), sd, spec)
 
 
 def build_model(weights: Optional[Weights], num_classes: Optional[int] = None) -> nn.Module:

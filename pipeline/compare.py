@@ -42,6 +42,7 @@ import numpy as np
 from .config import CompareConfig
 from .files import atomic_write
 from .errors import UserError
+from .records import HeadRecord, RecordError, RunRecord, read_json
 
 __all__ = [
     "NOT_PRETRAINED",
@@ -56,7 +57,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 NOT_PRETRAINED = "not pretrained"
-_METRIC_KEYS = ("n", "correct", "accuracy", "accuracy_ci95", "balanced_accuracy", "confusion_matrix", "predictions")
 
 
 class _Skip(Exception):
@@ -133,75 +133,37 @@ def weights_label(weights_id: str, pretrained: bool) -> str:
     return weights_id if pretrained else f"{weights_id} ({NOT_PRETRAINED})"
 
 
-def _req(doc: dict, key: str, kinds=None):
-    if key not in doc:
-        raise _Skip(f"missing key {key!r}")
-    value = doc[key]
-    if kinds is not None and not isinstance(value, kinds):
-        raise _Skip(f"key {key!r} has type {type(value).__name__}")
-    return value
-
-
-def _check_metrics(m) -> dict:
-    if not isinstance(m, dict):
-        raise _Skip("'metrics' is not an object")
-    for key in _METRIC_KEYS:
-        _req(m, key)
-    p = m["predictions"]
-    if not isinstance(p, dict) or "y_true" not in p or "y_pred" not in p:
-        raise _Skip("metrics.predictions lacks y_true/y_pred")
-    lengths = {len(p["y_true"]), len(p["y_pred"])} | ({len(p["paths"])} if "paths" in p else set())
-    if lengths != {int(m["n"])}:
-        raise _Skip(f"metrics.predictions has lengths {sorted(lengths)}, expected n={m['n']}")
-    if int(m["n"]) == 0:
-        raise _Skip("no val images were evaluated (n=0)")
-    return m
-
-
-def _num(value, default=0.0) -> float:
-    try:
-        return float(value) if value is not None else default
-    except (TypeError, ValueError):
-        return default
-
-
 def _load_head(path: str, doc: dict) -> Result:
-    feats = _req(doc, "features", dict)
-    metrics = _check_metrics(_req(doc, "metrics"))
-    extract = _num(feats.get("extract_seconds"))
-    n_images = int(_num(feats.get("n_images"), 0))
-    backbone_ms = 1000.0 * extract / n_images if n_images > 0 else 0.0
-    fit = _num(_req(doc, "fit_seconds"))
+    rec = HeadRecord.from_json(doc)
+    feats = rec.features
+    if rec.metrics["n"] == 0:
+        raise _Skip("no val images were evaluated (n=0)")
+    backbone_ms = 1000.0 * feats.extract_seconds / feats.n_images if feats.n_images > 0 else 0.0
     return Result(
-        kind="head", name=str(_req(doc, "name")), method=str(doc["name"]), source=path,
-        metrics=metrics, classes=list(_req(doc, "classes", list)), data_root=str(_req(doc, "data_root")),
-        weights_id=str(_req(feats, "weights_id")), weights_sha256=str(feats.get("weights_sha256", "")),
-        pretrained=bool(_req(feats, "pretrained")),
-        total_seconds=extract + fit, train_seconds=fit,
-        predict_ms=backbone_ms + _num(doc.get("predict_us_per_image")) / 1000.0,
-        trainable_parameters=doc.get("trainable_parameters"),
-        device=str(feats.get("extract_device", "")), extract_seconds=extract,
-        features_path=str(feats.get("path", "")), features_key=str(feats.get("content_key", "")),
-        used_views=bool(doc.get("used_views", False)),
+        kind="head", name=rec.name, method=rec.name, source=path,
+        metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
+        weights_id=feats.weights.id, weights_sha256=feats.weights.sha256, pretrained=feats.weights.pretrained,
+        total_seconds=feats.extract_seconds + rec.fit_seconds, train_seconds=rec.fit_seconds,
+        predict_ms=backbone_ms + rec.predict_us_per_image / 1000.0,
+        trainable_parameters=rec.trainable_parameters,
+        device=feats.extract_device, extract_seconds=feats.extract_seconds,
+        features_path=feats.path, features_key=feats.content_key, used_views=rec.used_views,
     )
 
 
 def _load_run(path: str, doc: dict) -> Result:
     if doc.get("complete") is not True:
         raise _Skip("run is not complete (interrupted?); rerun `python -m pipeline finetune` to finish it")
-    metrics = _check_metrics(_req(doc, "metrics"))
-    total = _num(_req(doc, "total_seconds"))
-    seed = doc.get("seed")
+    rec = RunRecord.from_json(doc)
+    if rec.metrics["n"] == 0:
+        raise _Skip("no val images were evaluated (n=0)")
     result = Result(
-        kind="run", name=str(_req(doc, "name")), method=str(_req(doc, "mode")), source=path,
-        metrics=metrics, classes=list(_req(doc, "classes", list)), data_root=str(_req(doc, "data_root")),
-        weights_id=str(_req(doc, "weights_id")), weights_sha256=str(doc.get("weights_sha256", "")),
-        pretrained=bool(_req(doc, "pretrained")),
-        total_seconds=total, train_seconds=total,
-        predict_ms=_num(doc.get("predict_ms_per_image")),
-        trainable_parameters=doc.get("trainable_parameters"), device=str(doc.get("device", "")),
-        seed=int(seed) if isinstance(seed, (int, float)) else None,
-        epochs=int(doc["epochs"]) if isinstance(doc.get("epochs"), (int, float)) else None,
+        kind="run", name=rec.name, method=rec.mode, source=path,
+        metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
+        weights_id=rec.weights.id, weights_sha256=rec.weights.sha256, pretrained=rec.weights.pretrained,
+        total_seconds=rec.total_seconds, train_seconds=rec.total_seconds,
+        predict_ms=rec.predict_ms_per_image, trainable_parameters=rec.trainable_parameters,
+        device=rec.device, seed=rec.seed, epochs=rec.epochs,
     )
     result.history = _load_history(os.path.join(os.path.dirname(path), "history.json"))
     return result
@@ -231,8 +193,7 @@ def load_results(cache: str) -> Tuple[List[Result], List[dict]]:
     results, skipped = [], []
     for path in files:
         try:
-            with open(path, encoding="utf-8") as fh:
-                doc = json.load(fh)
+            doc = read_json(path)
             if not isinstance(doc, dict):
                 raise _Skip("not a JSON object")
             kind = doc.get("kind")
@@ -243,7 +204,7 @@ def load_results(cache: str) -> Tuple[List[Result], List[dict]]:
             else:
                 raise _Skip(f"kind {kind!r}; expected 'head' or 'run'")
         except (_Skip, OSError, ValueError, TypeError, KeyError) as exc:
-            reason = str(exc) if isinstance(exc, _Skip) else (
+            reason = str(exc) if isinstance(exc, (_Skip, RecordError)) else (
                 f"unreadable ({type(exc).__name__}: {exc}); delete it or rerun the stage that wrote it "
                 "(make heads / make finetune)")
             warnings.warn(f"ignoring {path}: {reason}")

@@ -259,6 +259,7 @@ def _meta(res: Resolved, extract_seconds: float, processes: int = 1) -> dict:
         "weights_id": res.weights.id,
         "weights_sha256": res.weights.sha256,
         "pretrained": res.weights.pretrained,
+        "weights": res.weights.ref.to_json(),
         "transform": res.settings["transform"],
         "precision": res.precision,
         "data_root": res.dataset.root,

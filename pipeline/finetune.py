@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from . import backbone, data, files, metrics, store
 from .config import BN_CHOICES, MAX_PARALLEL, MODES, TRAINABLE_FROM, FinetuneConfig
 from .errors import UserError
+from .records import RunRecord, read_json
 from .features import default_batch_size, default_workers
 
 __all__ = [
@@ -66,13 +67,18 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)  # the optimiser's scalars become
 
 @dataclass
 class RunResult:
-    """One finished run (one mode, one seed); ``metrics`` is the content of metrics.json."""
+    """One finished run (one mode, one seed) and its record, the content of metrics.json."""
 
     name: str
     path: str
-    metrics: dict
+    record: RunRecord
     resumed_from: int = 0  # epochs taken over from an interrupted or shorter run
     up_to_date: bool = False  # nothing trained: a complete run with these settings existed
+
+    @property
+    def metrics(self) -> dict:
+        """metrics.json as JSON (``record.to_json()``)."""
+        return self.record.to_json()
 
     @property
     def accuracy(self) -> float:
@@ -586,15 +592,13 @@ def _existing(directory: str, key: str, epochs: int) -> Tuple[Optional[dict], Op
         _clear(directory)
         return None, None
     try:
-        with open(os.path.join(directory, "metrics.json"), encoding="utf-8") as fh:
-            done = json.load(fh)
-    except (OSError, ValueError):
+        done = RunRecord.from_json(read_json(os.path.join(directory, "metrics.json")))
+    except (OSError, ValueError):  # missing, damaged or another schema: evaluated and written again
         done = None
     if ckpt["best_epoch"] and _load_pt(os.path.join(directory, "best.pt")) is None:
         raise UserError(f"checkpoint {os.path.join(directory, 'best.pt')!r} is missing or not this "
                         "project's; restore it, or rerun with --rebuild to train this run again from the start")
-    if done and done.get("complete") and done.get("key") == key and done.get("epochs") == epochs \
-            and ckpt["epoch"] == epochs:
+    if done and done.complete and done.key == key and done.epochs == epochs and ckpt["epoch"] == epochs:
         _repair_history(directory, ckpt)
         return done, ckpt
     path = os.path.join(directory, "metrics.json")
@@ -712,7 +716,7 @@ def _epoch(step: _Step, loaders: _Loaders, scheduler, epoch: int, cfg: FinetuneC
 
 
 def _finish(step, loaders, dataset, directory, meta, settings, history, best_epoch, skipped, weights,
-            device, precision, net, cfg, seed) -> dict:
+            device, precision, net, cfg, seed) -> RunRecord:
     """Evaluate the best model on val and write metrics.json (last: it marks the run complete)."""
     best_path = os.path.join(directory, "best.pt")
     net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
@@ -724,35 +728,31 @@ def _finish(step, loaders, dataset, directory, meta, settings, history, best_epo
                               paths=[i.relpath for i in items], proba=proba)
     trainable, total = net.parameters()
     train_seconds = sum(h.get("train_seconds", h["seconds"]) for h in history)
-    out = {
-        "kind": "run",
-        "name": meta["name"],
-        "mode": cfg.mode,
-        "seed": seed,
-        "metrics": result,
-        "best_epoch": best_epoch,
-        "epochs": len(history),
-        "total_seconds": float(sum(h["seconds"] for h in history)),
-        "epoch_seconds": [h["seconds"] for h in history],
-        "images_per_s": loaders.n_train * len(history) / train_seconds if train_seconds else 0.0,
-        "predict_ms_per_image": 1000.0 * predict_seconds / max(1, len(items)),
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "device": str(device),
-        "precision": precision,
-        "weights_id": weights.id,
-        "weights_sha256": weights.sha256,
-        "pretrained": weights.pretrained,
-        "classes": dataset.classes,
-        "data_root": dataset.root,
-        "config": meta["config"],
-        "versions": store.library_versions(),
-        "size_bytes": os.path.getsize(best_path),
-        "skipped": skipped,
-        "key": meta["key"],
-        "settings": settings,
-        "complete": True,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    _save_json(out, os.path.join(directory, "metrics.json"))
-    return out
+    record = RunRecord(
+        name=meta["name"],
+        mode=cfg.mode,
+        seed=seed,
+        metrics=result,
+        best_epoch=best_epoch,
+        epochs=len(history),
+        total_seconds=float(sum(h["seconds"] for h in history)),
+        epoch_seconds=[h["seconds"] for h in history],
+        images_per_s=loaders.n_train * len(history) / train_seconds if train_seconds else 0.0,
+        predict_ms_per_image=1000.0 * predict_seconds / max(1, len(items)),
+        trainable_parameters=trainable,
+        total_parameters=total,
+        device=str(device),
+        precision=precision,
+        weights=weights.ref,
+        classes=dataset.classes,
+        data_root=dataset.root,
+        config=meta["config"],
+        versions=store.library_versions(),
+        size_bytes=os.path.getsize(best_path),
+        skipped=skipped,
+        key=meta["key"],
+        settings=settings,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    _save_json(record.to_json(), os.path.join(directory, "metrics.json"))
+    return record

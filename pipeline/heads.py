@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import math
 import os
@@ -37,6 +36,7 @@ from . import metrics as metrics_mod
 from . import files, store
 from .config import HEAD_FORMATS, MAX_PARALLEL, HeadsConfig
 from .errors import UserError
+from .records import FeaturesRef, HeadRecord, RecordError, SchemaError, WeightsRef, read_json
 from .heads_cv import TrainData, cross_validate, l2svm_path, logistic_path, make_folds, ridge_path, splitter
 
 __all__ = ["HeadSpec", "REGISTRY", "HeadRow", "HeadsResult", "Head", "run", "load_head",
@@ -153,13 +153,18 @@ def parse_head_names(values: Sequence[str]) -> Tuple[str, ...]:
 
 @dataclass
 class HeadRow:
-    """One head of a run: where it is saved and its sidecar (metrics, CV, timings)."""
+    """One head of a run: where it is saved and its sidecar record (metrics, CV, timings)."""
 
     name: str
     model_path: str
     sidecar_path: str
-    doc: dict
+    record: HeadRecord
     reused: bool = False
+
+    @property
+    def doc(self) -> dict:
+        """The sidecar as JSON (``record.to_json()``)."""
+        return self.record.to_json()
 
 
 @dataclass
@@ -373,7 +378,7 @@ def _serialize(model: Pipeline, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tuple[str, str, dict]:
+def _save(directory: str, record: HeadRecord, data: bytes) -> Tuple[str, str]:
     """Model file, then sidecar, each atomically, under a lock on the heads folder.
 
     The old sidecar goes first: between the two renames a reader sees a model without a
@@ -381,37 +386,33 @@ def _save(directory: str, name: str, model: Pipeline, doc: dict, fmt: str) -> Tu
     """
     from filelock import FileLock
 
-    data = _serialize(model, fmt)
-    doc = dict(doc, model_file=f"{name}.{fmt}", format=fmt, sha256=hashlib.sha256(data).hexdigest(),
-               size_bytes=len(data))
-    text = (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")
+    text = record.dumps().encode("utf-8")
     os.makedirs(directory, exist_ok=True)
-    model_path = os.path.join(directory, doc["model_file"])
-    sidecar = os.path.join(directory, f"{name}.json")
+    model_path = os.path.join(directory, record.model_file)
+    sidecar = os.path.join(directory, f"{record.name}.json")
     with FileLock(os.path.join(directory, ".lock")):
         files.remove_temporaries(directory)
         if os.path.exists(sidecar):
             os.remove(sidecar)
         for other in FORMATS:
-            stale = os.path.join(directory, f"{name}.{other}")
-            if other != fmt and os.path.exists(stale):
+            stale = os.path.join(directory, f"{record.name}.{other}")
+            if other != record.format and os.path.exists(stale):
                 os.remove(stale)
         files.atomic_write(model_path, lambda fh: fh.write(data))
         files.atomic_write(sidecar, lambda fh: fh.write(text))
-    return model_path, sidecar, json.loads(text)  # what was written (another run may replace it)
+    return model_path, sidecar
 
 
 def _up_to_date(directory: str, name: str, settings: dict) -> Optional[HeadRow]:
     sidecar = os.path.join(directory, f"{name}.json")
     try:
-        with open(sidecar, encoding="utf-8") as fh:
-            doc = json.load(fh)
-        model_path = os.path.join(directory, doc["model_file"])
-        if doc.get("settings") != settings or files.file_digest(model_path, "sha256") != doc["sha256"]:
+        record = HeadRecord.from_json(read_json(sidecar))
+        model_path = os.path.join(directory, record.model_file)
+        if record.settings != settings or files.file_digest(model_path, "sha256") != record.sha256:
             return None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):  # missing, damaged or another schema: refit
         return None
-    return HeadRow(name, model_path, sidecar, doc, reused=True)
+    return HeadRow(name, model_path, sidecar, record, reused=True)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -503,27 +504,22 @@ def _predict_us(model: Pipeline, X: np.ndarray) -> float:
     return 1e6 * best / len(X)
 
 
-def _features_doc(path: str, meta: dict, weights_spec: str) -> dict:
-    return {
-        "path": path, "content_key": meta["content_key"], "settings_key": meta["settings_key"],
-        "weights_id": meta.get("weights_id", ""), "weights_sha256": meta.get("weights_sha256", ""),
-        "weights_spec": weights_spec,
-        "pretrained": bool(meta.get("pretrained", True)), "backbone": meta.get("backbone", ""),
-        "precision": meta.get("precision", ""), "extract_seconds": float(meta.get("extract_seconds", 0.0)),
-        "extract_device": meta.get("extract_device", ""),
-        "n_images": int(sum(meta["splits"][s]["n"] for s in ("train", "val") if s in meta["splits"])),
-        "draft": (meta.get("transform") or {}).get("draft_jpeg_min_side") is not None,
-    }
-
-
-def _weights_spec(cfg: HeadsConfig, meta: dict) -> str:
-    """How `predict` can rebuild the backbone: the --weights value when it matches the cache."""
-    wid = str(meta.get("weights_id", ""))
-    if wid == "imagenet" or wid.startswith("random-seed"):
-        return wid if wid == "imagenet" else "random"
-    if wid.startswith("file:") and cfg.weights and os.path.basename(cfg.weights) == wid[5:]:
-        return os.path.abspath(cfg.weights)
-    return ""
+def _features_ref(path: str, meta: dict) -> FeaturesRef:
+    if not isinstance(meta.get("weights"), dict):
+        raise UserError(f"feature cache {path!r} was written by an older version of pipeline (no structured "
+                        "weights record); rerun `python -m pipeline features --rebuild`")
+    try:
+        weights = WeightsRef.from_json(meta["weights"], where="weights")
+    except RecordError as exc:
+        raise UserError(f"feature cache {path!r} has a damaged weights record ({exc}); rerun "
+                        "`python -m pipeline features --rebuild`") from None
+    return FeaturesRef(
+        path=path, content_key=meta["content_key"], settings_key=meta["settings_key"], weights=weights,
+        backbone=meta.get("backbone", ""), precision=meta.get("precision", ""),
+        extract_seconds=float(meta.get("extract_seconds", 0.0)), extract_device=meta.get("extract_device", ""),
+        n_images=int(sum(meta["splits"][s]["n"] for s in ("train", "val") if s in meta["splits"])),
+        draft=(meta.get("transform") or {}).get("draft_jpeg_min_side") is not None,
+    )
 
 
 def run(cfg: HeadsConfig) -> HeadsResult:
@@ -532,6 +528,7 @@ def run(cfg: HeadsConfig) -> HeadsResult:
     names = _validate(cfg)
     path = features_path(cfg)
     meta = store.read_meta(path)
+    _features_ref(path, meta)  # an old cache is refused before any fitting
     classes = list(meta["classes"])
     if cfg.use_views and not meta["splits"].get("train", {}).get("views"):
         raise UserError(f"feature cache {path!r} has no augmented views; extract them with "
@@ -585,29 +582,33 @@ def _finish(spec, cfg, path, meta, classes, model, cv, fit_s, notes, X_val, y_va
     y_pred = model.predict(X_val)
     proba = model.predict_proba(X_val) if hasattr(model, "predict_proba") else None
     name = _file_name(spec.name, cfg)
-    doc = {
-        "kind": "head",
-        "name": name,
-        "method": f"frozen {meta.get('backbone', 'resnet18')} features + {spec.label}"
-                  + (" (augmented views)" if cfg.use_views else "") + (" (out-of-core)" if cfg.out_of_core else ""),
-        "metrics": metrics_mod.evaluate(y_val, y_pred, classes, val_paths, proba),
-        "fit_seconds": float(fit_s),
-        "predict_us_per_image": _predict_us(model, X_val),
-        "cv": cv,
-        "hyperparameters": _jsonable_params(est),
-        "trainable_parameters": _trainable_parameters(est),
-        "features": _features_doc(path, meta, _weights_spec(cfg, meta)),
-        "classes": classes,
-        "data_root": meta.get("data_root", ""),
-        "versions": _versions(cfg.format),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "used_views": bool(cfg.use_views),
-        "has_proba": proba is not None,
-        "warnings": notes,
-        "settings": _settings(spec, cfg, meta),
-    }
-    model_path, sidecar, doc = _save(directory, name, model, doc, cfg.format)
-    return HeadRow(name, model_path, sidecar, doc)
+    data = _serialize(model, cfg.format)
+    record = HeadRecord(
+        name=name,
+        method=f"frozen {meta.get('backbone', 'resnet18')} features + {spec.label}"
+               + (" (augmented views)" if cfg.use_views else "") + (" (out-of-core)" if cfg.out_of_core else ""),
+        metrics=metrics_mod.evaluate(y_val, y_pred, classes, val_paths, proba),
+        fit_seconds=float(fit_s),
+        predict_us_per_image=_predict_us(model, X_val),
+        cv=cv,
+        hyperparameters=_jsonable_params(est),
+        trainable_parameters=_trainable_parameters(est),
+        features=_features_ref(path, meta),
+        classes=classes,
+        data_root=meta.get("data_root", ""),
+        versions=_versions(cfg.format),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        used_views=bool(cfg.use_views),
+        has_proba=proba is not None,
+        warnings=notes,
+        settings=_settings(spec, cfg, meta),
+        model_file=f"{name}.{cfg.format}",
+        format=cfg.format,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+    )
+    model_path, sidecar = _save(directory, record, data)
+    return HeadRow(name, model_path, sidecar, record)
 
 
 # --------------------------------------------------------------------------- loading
@@ -620,18 +621,23 @@ class Head:
     ``X : ndarray of shape (n_samples, 512)`` features from the same backbone and weights.
     """
 
-    def __init__(self, model: Pipeline, meta: dict, path: str):
+    def __init__(self, model: Pipeline, record: HeadRecord, path: str):
         self.model = model
-        self.meta = meta
+        self.record = record
         self.path = path
 
     @property
+    def meta(self) -> dict:
+        """The sidecar as JSON (``record.to_json()``)."""
+        return self.record.to_json()
+
+    @property
     def name(self) -> str:
-        return self.meta["name"]
+        return self.record.name
 
     @property
     def classes(self) -> List[str]:
-        return list(self.meta["classes"])
+        return list(self.record.classes)
 
     @property
     def has_proba(self) -> bool:
@@ -643,7 +649,7 @@ class Head:
         ``features``: a feature-cache path or its :func:`pipeline.store.read_meta` dict.
         """
         meta = store.read_meta(features) if isinstance(features, str) else features
-        _check_compatible(self.meta, meta, self.path)
+        _check_compatible(self.record, meta, self.path)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Class indices into ``classes`` for ``X`` of shape (n_samples, 512)."""
@@ -667,23 +673,23 @@ class Head:
         return f"Head({self.name!r}, {self.path!r})"
 
 
-def _check_compatible(head_meta: dict, cache_meta: dict, where: str) -> None:
-    feats = head_meta.get("features", {})
+def _check_compatible(head: HeadRecord, cache_meta: dict, where: str) -> None:
+    feats = head.features
     cache_path = cache_meta.get("path", "the given features")
-    checks = (("backbone", feats.get("backbone"), cache_meta.get("backbone")),
-              ("weights", feats.get("weights_sha256"), cache_meta.get("weights_sha256")),
-              ("class list", list(head_meta.get("classes", [])), list(cache_meta.get("classes", []))))
+    checks = (("backbone", feats.backbone, cache_meta.get("backbone")),
+              ("weights", feats.weights.sha256, cache_meta.get("weights_sha256")),
+              ("class list", list(head.classes), list(cache_meta.get("classes", []))))
     for what, mine, theirs in checks:
         if mine != theirs:
             if what == "weights":  # name them by id and hash: two files can share an id
-                mine = f"{feats.get('weights_id')} (sha256 {str(mine)[:12]}…)"
+                mine = f"{feats.weights.id} (sha256 {str(mine)[:12]}…)"
                 theirs = f"{cache_meta.get('weights_id')} (sha256 {str(theirs)[:12]}…)"
             raise UserError(
                 f"head {where!r} was fitted on features with {what} {mine!r}, but {cache_path!r} has "
                 f"{theirs!r}; use a head fitted on this cache (make heads) or features made with the head's "
                 f"{what}")
-    if feats.get("precision") and cache_meta.get("precision") and feats["precision"] != cache_meta["precision"]:
-        warnings.warn(f"head {where!r} was fitted on {feats['precision']} features, {cache_path!r} holds "
+    if feats.precision and cache_meta.get("precision") and feats.precision != cache_meta["precision"]:
+        warnings.warn(f"head {where!r} was fitted on {feats.precision} features, {cache_path!r} holds "
                       f"{cache_meta['precision']} features; predictions may differ slightly")
 
 
@@ -692,18 +698,16 @@ def _sidecar_for(path: str) -> str:
     return path if ext == ".json" else root + ".json"
 
 
-def _read_sidecar(sidecar: str, path: str) -> dict:
+def _read_sidecar(sidecar: str, path: str) -> HeadRecord:
     if not os.path.isfile(sidecar):
         if os.path.isfile(path):
             raise UserError(f"head {path!r} has no sidecar {sidecar!r}: it is incomplete or was not saved by "
                             "this project; refit it with `make heads` (python -m pipeline heads --rebuild)")
         raise UserError(f"no head at {path!r}; run `make heads` (python -m pipeline heads) or check the path")
     try:
-        with open(sidecar, encoding="utf-8") as fh:
-            doc = json.load(fh)
-        if doc.get("kind") != "head" or not isinstance(doc.get("sha256"), str):
-            raise ValueError("not a head sidecar")
-        return doc
+        return HeadRecord.from_json(read_json(sidecar))
+    except SchemaError as exc:
+        raise UserError(f"head sidecar {sidecar!r} was {exc}") from None
     except (OSError, ValueError) as exc:
         raise UserError(f"head sidecar {sidecar!r} is unreadable ({exc}); refit with "
                         "`python -m pipeline heads --rebuild`") from None
@@ -786,14 +790,14 @@ def load_head(path: str, features: Union[str, dict, None] = None) -> Head:
     sidecar = _sidecar_for(path)
     for attempt in range(3):
         doc = _read_sidecar(sidecar, path)
-        model_path = os.path.join(os.path.dirname(sidecar), doc.get("model_file", ""))
+        model_path = os.path.join(os.path.dirname(sidecar), doc.model_file)
         try:
             with open(model_path, "rb") as fh:
                 data = fh.read()
         except FileNotFoundError:
             data = None
         digest = hashlib.sha256(data).hexdigest() if data is not None else ""
-        if digest == doc["sha256"]:
+        if digest == doc.sha256:
             break
         if _read_sidecar(sidecar, path) != doc and attempt < 2:
             continue  # a `heads` run replaced this head while we read it: read the new one
@@ -801,13 +805,13 @@ def load_head(path: str, features: Union[str, dict, None] = None) -> Head:
             raise UserError(f"head sidecar {sidecar!r} names model file {model_path!r}, which is missing; "
                             "refit with `python -m pipeline heads --rebuild`")
         raise UserError(f"head {model_path!r} does not match its sidecar (sha256 {digest[:12]}…, expected "
-                        f"{doc['sha256'][:12]}…): it was modified or corrupted after saving; not loading it. "
+                        f"{doc.sha256[:12]}…): it was modified or corrupted after saving; not loading it. "
                         "Refit with `python -m pipeline heads --rebuild`")
     if features is not None:
         meta = store.read_meta(features) if isinstance(features, str) else features
         _check_compatible(doc, meta, model_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model = _unpickle(data, doc.get("format", "joblib"), model_path)
-    _warn_versions(doc.get("versions", {}), doc.get("name", model_path), caught)
+        model = _unpickle(data, doc.format, model_path)
+    _warn_versions(doc.versions, doc.name, caught)
     return Head(model, doc, model_path)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .config import PREDICT_FORMATS, PredictConfig
 from .errors import UserError
+from .records import WeightsRef
 
 __all__ = ["PredictResult", "run", "resolve_head", "FORMATS"]
 
@@ -88,18 +89,10 @@ def _available(cache: str) -> str:
     return f"available: {', '.join(names)}" if names else "none saved yet: run `make heads` first"
 
 
-def _weights_spec(cfg: PredictConfig, feats: dict) -> tuple:
-    """(spec, seed) that rebuild the backbone the head's features came from."""
-    if cfg.weights:
-        spec = cfg.weights
-    else:
-        spec = feats.get("weights_spec") or ""
-        if not spec:
-            raise UserError(f"the head's features came from weights {feats.get('weights_id')!r}, whose file this "
-                            "head does not record; pass --weights PATH (the same state_dict file)")
-    wid = str(feats.get("weights_id", ""))
-    seed = int(wid[len("random-seed"):]) if spec == "random" and wid.startswith("random-seed") else 0
-    return spec, seed
+def _weights_spec(cfg: PredictConfig, weights: WeightsRef) -> tuple:
+    """(spec, seed) that rebuild the backbone the head's features came from: ``--weights``
+    when given, else the head's own weights record."""
+    return (cfg.weights or weights.spec), (weights.seed if weights.seed is not None else 0)
 
 
 def run(cfg: PredictConfig) -> PredictResult:
@@ -114,22 +107,22 @@ def run(cfg: PredictConfig) -> PredictResult:
     if not cfg.inputs:
         raise UserError("no input given: name image files or folders to classify")
     head = heads.load_head(resolve_head(cfg.head, cfg.cache))
-    feats = head.meta["features"]
+    feats = head.record.features
     paths = data.collect_images(cfg.inputs)
     if not paths:
         raise UserError(f"no image files found in {list(cfg.inputs)}; give image files or folders that hold them")
-    spec, seed = _weights_spec(cfg, feats)
-    extractor = ResNet18Features(weights=spec, seed=seed, device=cfg.device, precision=feats.get("precision") or "auto",
-                                 batch_size=cfg.batch_size, draft=bool(feats.get("draft", True)))
+    spec, seed = _weights_spec(cfg, feats.weights)
+    extractor = ResNet18Features(weights=spec, seed=seed, device=cfg.device, precision=feats.precision or "auto",
+                                 batch_size=cfg.batch_size, draft=feats.draft)
     try:
         extractor.fit(paths)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if extractor.weights_sha256_ != feats.get("weights_sha256"):
+    if extractor.weights_sha256_ != feats.weights.sha256:
         raise UserError(f"weights {spec!r} ({extractor.weights_id_}) are not the weights head {head.name!r} was "
-                        f"fitted on ({feats.get('weights_id')}); pass --weights with the same weights")
+                        f"fitted on ({feats.weights.id}); pass --weights with the same weights")
     X, ok, errors = extractor.extract(paths)
-    result = PredictResult(head.name, head.classes, bool(feats.get("pretrained", True)),
+    result = PredictResult(head.name, head.classes, feats.weights.pretrained,
                            skipped=[{"path": p, "error": e} for p, e in errors])
     if len(ok):
         pred = head.predict(X)

@@ -20,6 +20,7 @@ from pipeline import cli, compare, plots, store
 from pipeline.config import CompareConfig
 from pipeline.errors import UserError
 from pipeline.metrics import evaluate
+from pipeline.records import FeaturesRef, HeadRecord, RunRecord, WeightsRef
 
 CLASSES = ["ants", "bees"]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -45,6 +46,12 @@ def _predict(y_true: Sequence[int], wrong: Sequence[int]) -> List[int]:
     return y
 
 
+def _weights(weights_id: str) -> WeightsRef:
+    if weights_id.startswith("random-seed"):
+        return WeightsRef("random", "ab" * 32, seed=int(weights_id[len("random-seed"):]))
+    return WeightsRef("imagenet", "ab" * 32)
+
+
 def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrained=True) -> str:
     rng = np.random.default_rng(0)
     splits = {}
@@ -58,8 +65,8 @@ def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrain
         splits[split] = store.SplitRows(rows, labels)
     path = str(cache / "features" / f"data-{weights_id}.h5")
     meta = {"backbone": "resnet18", "weights_id": weights_id, "weights_sha256": "ab" * 32,
-            "pretrained": pretrained, "precision": "fp32", "data_root": str(data), "extract_seconds": 30.0,
-            "extract_device": "cpu"}
+            "pretrained": pretrained, "weights": _weights(weights_id).to_json(), "precision": "fp32",
+            "data_root": str(data), "extract_seconds": 30.0, "extract_device": "cpu"}
     store.write_cache(path, {"weights": weights_id}, meta, CLASSES, splits)
     return path
 
@@ -67,28 +74,28 @@ def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrain
 def write_head(cache: Path, name: str, items, wrong=(), *, data_root: str, classes=CLASSES,
                features_path: str = "", weights_id="imagenet", pretrained=True, extract_seconds=30.0,
                fit_seconds=0.5, paths: Optional[List[str]] = None) -> Path:
+    assert pretrained == (not weights_id.startswith("random"))
     paths = paths if paths is not None else [p for p, _ in items]
     y_true = [y for _, y in items]
-    doc = {
-        "kind": "head", "name": name, "method": name, "metrics": evaluate(y_true, _predict(y_true, wrong), classes, paths),
-        "fit_seconds": fit_seconds, "predict_us_per_image": 3.0, "cv": {"folds": 5}, "hyperparameters": {"C": 1.0},
-        "trainable_parameters": 513,
-        "features": {"path": features_path, "content_key": "c" * 64, "settings_key": "s" * 64,
-                     "weights_id": weights_id, "weights_sha256": "ab" * 32, "pretrained": pretrained,
-                     "backbone": "resnet18", "precision": "fp32", "extract_seconds": extract_seconds,
-                     "extract_device": "cpu", "n_images": 20},
-        "classes": list(classes), "data_root": data_root, "model_file": f"{name}.joblib", "format": "joblib",
-        "sha256": "0" * 64, "size_bytes": 1000, "versions": {}, "created": "2024-01-01T00:00:00",
-        "used_views": False,
-    }
+    record = HeadRecord(
+        name=name, method=name, metrics=evaluate(y_true, _predict(y_true, wrong), classes, paths),
+        fit_seconds=fit_seconds, predict_us_per_image=3.0, cv={"folds": 5}, hyperparameters={"C": 1.0},
+        trainable_parameters=513,
+        features=FeaturesRef(path=features_path, content_key="c" * 64, settings_key="s" * 64,
+                             weights=_weights(weights_id), backbone="resnet18", precision="fp32",
+                             extract_seconds=extract_seconds, extract_device="cpu", n_images=20),
+        classes=list(classes), data_root=data_root, model_file=f"{name}.joblib", format="joblib",
+        sha256="0" * 64, size_bytes=1000, versions={}, created="2024-01-01T00:00:00", used_views=False,
+        has_proba=False, settings={})
     path = cache / "heads" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc))
+    path.write_text(record.dumps())
     return path
 
 
 def write_run(cache: Path, mode: str, seed: int, items, wrong=(), *, data_root: str, weights_id="imagenet",
               pretrained=True, total_seconds=600.0, complete=True, history=True, name=None) -> Path:
+    assert pretrained == (not weights_id.startswith("random"))
     y_true = [y for _, y in items]
     y_pred = _predict(y_true, wrong)
     proba = np.array([[0.8, 0.2] if y == 0 else [0.3, 0.7] for y in y_pred])
@@ -96,17 +103,14 @@ def write_run(cache: Path, mode: str, seed: int, items, wrong=(), *, data_root: 
     folder = cache / "runs" / name
     folder.mkdir(parents=True, exist_ok=True)
     epochs = 5
-    doc = {
-        "kind": "run", "name": name, "mode": mode, "seed": seed,
-        "metrics": evaluate(y_true, y_pred, CLASSES, [p for p, _ in items], proba),
-        "best_epoch": 4, "epochs": epochs, "total_seconds": total_seconds, "epoch_seconds": [total_seconds / epochs] * epochs,
-        "images_per_s": 20.0, "predict_ms_per_image": 12.0, "trainable_parameters": 11_689_512,
-        "total_parameters": 11_689_512, "device": "cpu", "precision": "fp32", "weights_id": weights_id,
-        "weights_sha256": "ab" * 32, "pretrained": pretrained, "classes": CLASSES, "data_root": data_root,
-        "config": {"mode": mode, "seed": seed}, "versions": {}, "size_bytes": 45_000_000, "complete": complete,
-        "created": "2024-01-01T00:00:00",
-    }
-    (folder / "metrics.json").write_text(json.dumps(doc))
+    record = RunRecord(
+        name=name, mode=mode, seed=seed, metrics=evaluate(y_true, y_pred, CLASSES, [p for p, _ in items], proba),
+        best_epoch=4, epochs=epochs, total_seconds=total_seconds, epoch_seconds=[total_seconds / epochs] * epochs,
+        images_per_s=20.0, predict_ms_per_image=12.0, trainable_parameters=11_689_512,
+        total_parameters=11_689_512, device="cpu", precision="fp32", weights=_weights(weights_id),
+        classes=CLASSES, data_root=data_root, config={"mode": mode, "seed": seed}, versions={},
+        size_bytes=45_000_000, key="k" * 64, settings={}, complete=complete, created="2024-01-01T00:00:00")
+    (folder / "metrics.json").write_text(record.dumps())
     if history:
         hist = [{"epoch": e, "train_loss": 1 / e, "train_acc": 1 - 0.4 / e, "val_loss": 1.2 / e,
                  "val_acc": 1 - 0.5 / e, "lr": 1e-3, "seconds": 1.0} for e in range(1, epochs + 1)]

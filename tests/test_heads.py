@@ -20,13 +20,14 @@ from sklearn.svm import LinearSVC
 from pipeline import cli, heads, heads_cv, store
 from pipeline.config import HeadsConfig
 from pipeline.errors import UserError
+from pipeline.records import WeightsRef
 
 ROOT = Path(__file__).resolve().parents[1]
 SIDE_KEYS = {"kind", "name", "method", "metrics", "fit_seconds", "predict_us_per_image", "cv", "hyperparameters",
              "trainable_parameters", "features", "classes", "data_root", "model_file", "format", "sha256",
-             "size_bytes", "versions", "created", "used_views"}
+             "size_bytes", "versions", "created", "used_views", "schema", "schema_version"}
 FEATURE_KEYS = {"path", "content_key", "settings_key", "weights_id", "weights_sha256", "pretrained", "backbone",
-                "precision", "extract_seconds", "extract_device", "n_images"}
+                "precision", "extract_seconds", "extract_device", "n_images", "weights"}
 
 
 def write_feature_cache(path, *, n_train=30, n_val=20, n_classes=2, dim=512, sep=1.0, noise=1.0, seed=0, views=0,
@@ -49,7 +50,7 @@ def write_feature_cache(path, *, n_train=30, n_val=20, n_classes=2, dim=512, sep
             labels = (labels + 1) % n_classes
         splits[split] = store.SplitRows(rows, labels.tolist())
     meta = {"backbone": "resnet18", "weights_id": "random-seed0", "weights_sha256": weights_sha256,
-            "pretrained": False, "precision": "fp32", "extract_seconds": 2.5, "extract_device": "cpu",
+            "pretrained": False, "weights": WeightsRef("random", weights_sha256, seed=0).to_json(), "precision": "fp32", "extract_seconds": 2.5, "extract_device": "cpu",
             "data_root": "/data/synthetic", "transform": {"eval": "synthetic", "draft_jpeg_min_side": 256}}
     # store.library_versions imports torch (seconds); synthetic caches do not need it.
     with mock.patch.object(store, "library_versions", lambda: {"numpy": np.__version__}):
