@@ -15,14 +15,13 @@ import warnings
 from typing import Callable, Dict, List, Optional
 
 from . import config
-from .errors import UserError
+from .config import SEED_RANGE
+from .errors import ParameterError, UserError
 
 __all__ = ["main", "get_args_parser"]
 
 EXIT_OK, EXIT_BUG, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-
-SEED_RANGE = (0, 2 ** 32 - 1)  # what NumPy and scikit-learn accept as a random_state
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 
@@ -45,7 +44,20 @@ def seed(text: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad options as a UserError (exit 2, one line) like every other input."""
+    """argparse that reports bad options as a UserError (exit 2, one line) like every other input.
+
+    ``flags`` maps each option's config field to the option users type (``batch_size`` ->
+    ``--batch-size``), so errors that name a field can name the option instead.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.flags: Dict[str, str] = {}
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.flags[action.dest] = action.option_strings[-1] if action.option_strings else action.metavar
+        return action
 
     def error(self, message: str):
         raise UserError(f"{self.prog}: {message}; see --help")
@@ -285,6 +297,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     sub.required = True
     for add in STAGES.values():
         add(sub)
+    parser.stages = sub.choices  # stage name -> its parser
     return parser
 
 
@@ -323,12 +336,21 @@ def _print_error(line: str) -> None:
     print(f"error: {line}".encode(encoding, "backslashreplace").decode(encoding), file=sys.stderr)
 
 
+def _worded_for_the_command_line(exc: UserError, parser: _Parser, args: Optional[argparse.Namespace]) -> str:
+    """The error's line; config fields it names become the stage's options (``--batch-size``)."""
+    if not isinstance(exc, ParameterError):
+        return str(exc)
+    flags = parser.stages[args.stage].flags if args is not None else {}
+    return exc.render(lambda name: flags.get(name) or "--" + name.replace("_", "-"))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     args = None
+    parser = get_args_parser()
     try:
-        args = get_args_parser().parse_args(argv)
+        args = parser.parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         args.handler(args)
@@ -336,7 +358,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        _print_error(str(exc))
+        _print_error(_worded_for_the_command_line(exc, parser, args))
         return EXIT_USER
     except OSError as exc:
         line = None if debug else _environment_error(exc, args)

@@ -755,8 +755,6 @@ def _feature_caches(rows: List[Row], res: CompareResult) -> List[Tuple[str, str]
 
 def run(cfg: CompareConfig) -> CompareResult:
     """Compare every head and run under ``cfg.cache``; write the report under ``cfg.reports``."""
-    if not 0 < cfg.alpha < 1:
-        raise UserError(f"--alpha {cfg.alpha!r} is out of range; use a level between 0 and 1 such as 0.05")
     results, skipped = load_results(cfg.cache)
     if not results:
         raise UserError(

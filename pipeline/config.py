@@ -1,13 +1,19 @@
 """Every default of the project, in one place.
 
 Each stage takes one frozen dataclass below; the CLI builds it from its options and
-``--help`` shows these defaults. ``PREPROCESS`` holds the preprocessing facts that both
-feature extraction and end-to-end training read.
+``--help`` shows these defaults. Each dataclass checks its values when it is made
+(``__post_init__``): a bad one raises :class:`~pipeline.errors.ParameterError` naming the
+field, which the CLI words as its option. ``PREPROCESS`` holds the preprocessing facts that
+both feature extraction and end-to-end training read.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from .errors import ParameterError
 
 __all__ = [
     "PREPROCESS",
@@ -25,6 +31,7 @@ __all__ = [
     "FinetuneConfig",
     "CompareConfig",
     "PredictConfig",
+    "ParameterError",
 ]
 
 # The reference protocol's preprocessing (PyTorch transfer-learning tutorial): one dict,
@@ -49,6 +56,8 @@ SPLITS = ("train", "val")
 # Upper bounds of options that size a resource: beyond them a run only exhausts the machine.
 MAX_PARALLEL = 256  # loader processes (--workers), threads (--threads, --jobs)
 MAX_VIEWS = 100  # augmented views per train image (--views)
+SEED_RANGE = (0, 2 ** 32 - 1)  # what NumPy and scikit-learn accept as a random_state
+FLOAT32_MAX = 3.4028234663852886e38  # the optimiser's scalars become float32 tensors
 
 # The accepted values of the options with a fixed set of choices (the CLI's ``choices`` and
 # the stages' checks read these).
@@ -58,6 +67,54 @@ MODES = ("finetune", "scratch", "fixed", "partial")  # end-to-end training modes
 BN_CHOICES = ("frozen-eval", "train")
 TRAINABLE_FROM = ("layer1", "layer2", "layer3", "layer4")
 PREDICT_FORMATS = ("table", "csv", "json")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _shown(value) -> str:
+    """``value`` as text inside a :class:`ParameterError` template (braces escaped)."""
+    return str(value).replace("{", "{{").replace("}", "}}")
+
+
+def _number(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+def _interval(cfg, name: str, low: Optional[float] = None, high: Optional[float] = None, *,
+              open_low: bool = False, open_high: bool = False, rule: str = "") -> None:
+    """Refuse ``cfg.<name>`` outside ``low``..``high`` (an end excluded when open; NaN is outside).
+
+    The message says the rule broken (``>= 0``, ``at most 100``) unless ``rule`` words both ends.
+    """
+    value = getattr(cfg, name)
+    above = low is None or (value > low if open_low else value >= low)
+    below = high is None or (value < high if open_high else value <= high)
+    if above and below:
+        return
+    if not rule:
+        rule = (f"{'>' if open_low else '>='} {_number(low)}" if not above
+                else f"{'below' if open_high else 'at most'} {_number(high)}")
+    raise ParameterError(f"{{{name}}} {_shown(value)} must be {_shown(rule)}", name)
+
+
+def _one_of(cfg, name: str, choices: Sequence[str], hint: str = "", *others: str) -> None:
+    """Refuse ``cfg.<name>`` unless it is one of ``choices``; ``hint`` is a template naming ``others``."""
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ParameterError(f"{{{name}}} {_shown(repr(value))} is not recognised. "
+                             f"Only {', '.join(choices)} are supported{hint}.", name, *others)
+
+
+def _seed(cfg, name: str = "seed") -> None:
+    _interval(cfg, name, *SEED_RANGE)
+
+
+def _workers(cfg) -> None:
+    _interval(cfg, "workers", -1, MAX_PARALLEL, rule=f"between 0 and {MAX_PARALLEL} (or -1 for automatic)")
+
+
+# --------------------------------------------------------------------------- stages
 
 
 @dataclass(frozen=True)
@@ -80,6 +137,14 @@ class FeaturesConfig:
     progress: bool = True
     # Under torchrun: the longest any rank waits for the others at a meeting point (seconds).
     dist_timeout: float = 1800.0
+
+    def __post_init__(self):
+        _one_of(self, "precision", PRECISIONS)
+        _interval(self, "batch_size", 0)
+        _interval(self, "views", 0, MAX_VIEWS)
+        _workers(self)
+        _interval(self, "dist_timeout", 0, math.inf, open_low=True, open_high=True, rule="> 0 seconds and finite")
+        _seed(self)
 
 
 @dataclass(frozen=True)
@@ -104,6 +169,19 @@ class HeadsConfig:
     jobs: int = 1  # cross-validation folds fitted in parallel (threads)
     format: str = "joblib"  # joblib | skops
     rebuild: bool = False
+
+    def __post_init__(self):
+        _one_of(self, "precision", PRECISIONS)
+        _interval(self, "views", 0, MAX_VIEWS)
+        _interval(self, "cv_folds", 2)
+        _one_of(self, "format", HEAD_FORMATS)
+        _interval(self, "chunk_rows", 1)
+        _interval(self, "epochs", 1)
+        _interval(self, "jobs", 1, MAX_PARALLEL)
+        _seed(self)
+        if self.out_of_core and self.use_views:
+            raise ParameterError("{out_of_core} streams plain features only; drop {use_views} or {out_of_core}",
+                                 "out_of_core", "use_views")
 
 
 @dataclass(frozen=True)
@@ -134,6 +212,34 @@ class FinetuneConfig:
     rebuild: bool = False
     progress: bool = True
 
+    def __post_init__(self):
+        _one_of(self, "mode", MODES)
+        _one_of(self, "trainable_from", TRAINABLE_FROM, " ({mode} fixed trains fc alone)", "mode")
+        _one_of(self, "bn", BN_CHOICES)
+        _one_of(self, "precision", PRECISIONS)
+        _interval(self, "epochs", 1)
+        _interval(self, "batch_size", 1)
+        f32 = f"{FLOAT32_MAX:.4g} (float32)"
+        _interval(self, "lr", 0, FLOAT32_MAX, open_low=True, rule=f"> 0 and at most {f32}")
+        _interval(self, "momentum", 0, 1, open_high=True, rule="in [0, 1)")
+        _interval(self, "weight_decay", 0, FLOAT32_MAX, rule=f">= 0 and at most {f32}")
+        _interval(self, "step_size", 1)
+        _interval(self, "gamma", 0, math.inf, open_low=True, open_high=True, rule="> 0 and finite")
+        _workers(self)
+        _interval(self, "threads", 0, MAX_PARALLEL, rule=f"between 0 and {MAX_PARALLEL} (0 for automatic)")
+        _seed(self)
+        drops = (self.epochs - 1) // self.step_size  # StepLR multiplies the lr by gamma this often
+        if math.log(self.lr) + drops * math.log(max(1.0, self.gamma)) > math.log(FLOAT32_MAX):
+            raise ParameterError(
+                f"{{lr}} {self.lr} times {{gamma}} {self.gamma} every {self.step_size} epoch(s) exceeds float32's "
+                f"largest value {f32.split()[0]} within {self.epochs} epochs; use a smaller {{lr}} or {{gamma}}",
+                "lr", "gamma")
+        seeds = self.seeds
+        if (any(not isinstance(s, int) or not SEED_RANGE[0] <= s <= SEED_RANGE[1] for s in seeds)
+                or len(set(seeds)) != len(seeds)):
+            raise ParameterError(f"{{seeds}} {_shown(','.join(map(str, seeds)))}: give distinct integers >= 0, "
+                                 "e.g. {seeds} 0,1,2", "seeds")
+
 
 @dataclass(frozen=True)
 class CompareConfig:
@@ -145,6 +251,11 @@ class CompareConfig:
     # any other root, class list or val set are listed apart, never mixed into the table.
     data: str = ""
     alpha: float = 0.05  # significance level of the McNemar test against the best method
+
+    def __post_init__(self):
+        if not 0 < self.alpha < 1:
+            raise ParameterError(f"{{alpha}} {self.alpha!r} is out of range; use a level between 0 and 1 such as 0.05",
+                                 "alpha")
 
 
 @dataclass(frozen=True)
@@ -158,3 +269,7 @@ class PredictConfig:
     batch_size: int = 0
     format: str = "table"  # table | csv | json
     weights: str = ""  # backbone weights; default: those the head's features were made with
+
+    def __post_init__(self):
+        _one_of(self, "format", PREDICT_FORMATS)
+        _interval(self, "batch_size", 0, rule=">= 0 (0: automatic)")

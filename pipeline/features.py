@@ -26,7 +26,7 @@ from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from . import backbone, data, distributed, files, store
-from .config import FEATURE_DIM, MAX_PARALLEL, MAX_VIEWS, FeaturesConfig
+from .config import FEATURE_DIM, FeaturesConfig
 from .errors import UserError
 
 __all__ = ["FeaturesResult", "run", "resolve", "share", "default_workers", "default_batch_size"]
@@ -100,7 +100,6 @@ def default_batch_size(device: torch.device) -> int:
 
 def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resolved:
     """Discover the data, weights, device (unless given) and precision, and name the cache file."""
-    _validate(cfg)
     if device is None:
         device = backbone.choose_device(cfg.device)
     precision = backbone.choose_precision(cfg.precision, device)
@@ -117,18 +116,6 @@ def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resol
     }
     path = store.cache_file(cfg.cache, dataset.root, store.settings_key(settings))
     return Resolved(dataset, weights, device, precision, settings, path)
-
-
-def _validate(cfg: FeaturesConfig) -> None:
-    for name in ("batch_size", "views"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 0")
-    if cfg.views > MAX_VIEWS:
-        raise UserError(f"--views {cfg.views} must be at most {MAX_VIEWS}")
-    if not -1 <= cfg.workers <= MAX_PARALLEL:
-        raise UserError(f"--workers {cfg.workers} must be between 0 and {MAX_PARALLEL} (or -1 for automatic)")
-    if not 0 < cfg.dist_timeout < float("inf"):
-        raise UserError(f"--dist-timeout {cfg.dist_timeout} must be > 0 seconds and finite")
 
 
 def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[store.Row]], Dict[str, List[Tuple[str, os.stat_result]]]]:
@@ -340,7 +327,6 @@ def run(cfg: FeaturesConfig) -> FeaturesResult:
     ctx = distributed.from_env()
     if not ctx.is_distributed:
         return _run_local(cfg, resolve(cfg))
-    _validate(cfg)
     device = backbone.choose_device(distributed.device_spec(cfg.device, ctx))
     with distributed.session(ctx, device, cfg.dist_timeout) as ctx:
         return _run_distributed(cfg, ctx, device)

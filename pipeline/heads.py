@@ -34,7 +34,7 @@ from sklearn.svm import LinearSVC
 
 from . import metrics as metrics_mod
 from . import files, store
-from .config import HEAD_FORMATS, MAX_PARALLEL, HeadsConfig
+from .config import HEAD_FORMATS, HeadsConfig
 from .errors import UserError
 from .records import FeaturesRef, HeadRecord, RecordError, SchemaError, WeightsRef, read_json
 from .heads_cv import TrainData, cross_validate, l2svm_path, logistic_path, make_folds, ridge_path, splitter
@@ -436,20 +436,10 @@ def features_path(cfg: HeadsConfig) -> str:
     return path
 
 
-def _validate(cfg: HeadsConfig) -> Tuple[str, ...]:
+def _chosen_heads(cfg: HeadsConfig) -> Tuple[str, ...]:
+    """The registry names ``cfg.heads`` selects; under ``out_of_core``, those that can stream."""
     names = parse_head_names(cfg.heads)
-    if cfg.cv_folds < 2:
-        raise UserError(f"--cv-folds {cfg.cv_folds} must be >= 2")
-    if cfg.format not in FORMATS:
-        raise UserError(f"--format {cfg.format!r}. Only {', '.join(FORMATS)} are supported.")
-    for name in ("chunk_rows", "epochs", "jobs"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(cfg, name)} must be >= 1")
-    if cfg.jobs > MAX_PARALLEL:
-        raise UserError(f"--jobs {cfg.jobs} must be at most {MAX_PARALLEL} (threads)")
     if cfg.out_of_core:
-        if cfg.use_views:
-            raise UserError("--out-of-core streams plain features only; drop --use-views or --out-of-core")
         skipped = [n for n in names if not REGISTRY[n].out_of_core]
         names = tuple(n for n in names if REGISTRY[n].out_of_core)
         if not names:
@@ -525,7 +515,7 @@ def _features_ref(path: str, meta: dict) -> FeaturesRef:
 def run(cfg: HeadsConfig) -> HeadsResult:
     """Fit (or reuse, when up to date) every head in ``cfg.heads`` and save it with its sidecar."""
     started = time.perf_counter()
-    names = _validate(cfg)
+    names = _chosen_heads(cfg)
     path = features_path(cfg)
     meta = store.read_meta(path)
     _features_ref(path, meta)  # an old cache is refused before any fitting

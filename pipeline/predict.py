@@ -100,10 +100,6 @@ def run(cfg: PredictConfig) -> PredictResult:
     from . import data, heads
     from .sklearn_api import ResNet18Features
 
-    if cfg.format not in FORMATS:
-        raise UserError(f"--format {cfg.format!r}. Only {', '.join(FORMATS)} are supported.")
-    if cfg.batch_size < 0:
-        raise UserError(f"--batch-size {cfg.batch_size} must be >= 0 (0: automatic)")
     if not cfg.inputs:
         raise UserError("no input given: name image files or folders to classify")
     head = heads.load_head(resolve_head(cfg.head, cfg.cache))
