@@ -75,7 +75,9 @@ def _common(p: argparse.ArgumentParser, defaults, *, device: bool = True, weight
     if device:
         p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N (default: %(default)s)")
         p.add_argument("--precision", default=defaults.precision,
-                       help="auto | fp32 | bf16 | fp16; auto is fp32 on CPU, bf16 on CUDA (default: %(default)s)")
+                       help="auto | fp32 | bf16 | fp16; auto is bf16 where the device computes it natively (CUDA "
+                            "compute capability >= 8.0, a CPU with AVX512-BF16 or AMX-BF16), else fp16 on CUDA "
+                            "and fp32 on CPU (default: %(default)s)")
     p.add_argument("--rebuild", action="store_true", help="discard existing results for these settings first")
 
 
@@ -193,7 +195,8 @@ def _add_finetune(sub) -> None:
                    help="run once per seed (directories <mode>-<seed>) and report mean ± std; overrides --seed")
     p.add_argument("--workers", type=integer, default=d.workers, help="data-loading processes; -1: automatic")
     p.add_argument("--threads", type=integer, default=d.threads,
-                   help="CPU threads for the network; 0: automatic (the cores not already busy)")
+                   help="CPU threads for the network; 0: torch's default, one per physical core "
+                        "(fewer leaves cores to others on a shared machine)")
     p.add_argument("--strict", action="store_true", help="an undecodable image is fatal instead of skipped")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or epoch lines")

@@ -206,7 +206,7 @@ class FinetuneConfig:
     seed: int = 0
     seeds: tuple = ()  # several seeds: one run each, then mean ± std (overrides seed)
     workers: int = -1  # -1: automatic; results do not depend on it
-    threads: int = 0  # CPU threads for the network; 0: automatic (the cores not already busy)
+    threads: int = 0  # CPU threads for the network; 0: torch's default (one per physical core)
     channels_last: bool = True
     strict: bool = False  # an undecodable image is fatal instead of skipped
     rebuild: bool = False

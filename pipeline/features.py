@@ -50,6 +50,7 @@ class FeaturesResult:
     content_key: str = ""
     timings: Dict[str, float] = field(default_factory=dict)  # seconds: plan, extract, write
     processes: int = 1  # ranks that shared the extraction (torchrun)
+    threads: int = 0  # torch's intra-op threads of the (each) extracting process
     primary: bool = True  # False on ranks other than 0, which report nothing
 
     def summary(self) -> str:
@@ -63,8 +64,9 @@ class FeaturesResult:
             lines.append("  up to date     no image changed: no forward pass")
         else:
             on = f"{self.processes} processes on {self.device.split(':')[0]}" if self.processes > 1 else self.device
+            threads = f", {self.threads} thread{'s' if self.threads != 1 else ''}" if self.threads else ""
             lines.append(f"  computed       {self.computed} images in {self.seconds:.1f} s "
-                         f"({self.images_per_s:.1f} images/s) on {on}, {self.precision}")
+                         f"({self.images_per_s:.1f} images/s) on {on}, {self.precision}{threads}")
         lines.append(f"  skipped        {len(self.skipped)}")
         for s in self.skipped:
             lines.append(f"    {s['path']}: {s['reason']}")
@@ -242,6 +244,7 @@ def _meta(res: Resolved, extract_seconds: float, processes: int = 1) -> dict:
         "extract_seconds": extract_seconds,
         "extract_device": str(res.device),
         "extract_processes": processes,
+        "extract_threads": torch.get_num_threads(),
         "backbone": backbone.BACKBONE,
         "weights_id": res.weights.id,
         "weights_sha256": res.weights.sha256,
@@ -261,7 +264,7 @@ def _result(res: Resolved, meta: dict, computed: int, seconds: float, up_to_date
         computed=computed, seconds=seconds, images_per_s=computed / seconds if seconds > 0 else 0.0,
         device=str(res.device), precision=res.precision, weights_id=res.weights.id,
         pretrained=res.weights.pretrained, up_to_date=up_to_date, content_key=meta["content_key"],
-        processes=processes,
+        processes=processes, threads=torch.get_num_threads(),
     )
 
 

@@ -153,25 +153,12 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     dataset = data.discover(cfg.data)
     device = backbone.choose_device(cfg.device)
     precision = backbone.choose_precision(cfg.precision, device)
-    threads = cfg.threads or auto_threads()  # before our own work shows in the load average
+    # torch's default (one thread per physical core) unless --threads says otherwise.
+    threads = cfg.threads or torch.get_num_threads()
     splits, skipped = _decodable(dataset, cfg.strict)
     seeds = tuple(cfg.seeds) or (cfg.seed,)
     runs = [_run_one(cfg, seed, dataset, splits, skipped, device, precision, threads) for seed in seeds]
     return FinetuneResult(runs, skipped)
-
-
-def auto_threads() -> int:
-    """Intra-op threads for the cores not already busy (torch's default on an idle machine).
-
-    OpenMP threads that outnumber the free cores stall at every parallel region's barrier;
-    on a shared machine that costs more than the extra thread brings.
-    """
-    default = torch.get_num_threads()
-    try:
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return default
-    return max(1, min(default, int((os.cpu_count() or 1) - busy + 0.5)))
 
 
 def _decodable(dataset: data.DataSet, strict: bool) -> Tuple[Dict[str, List[data.Item]], List[dict]]:

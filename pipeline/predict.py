@@ -10,19 +10,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import numpy as np
 
-from .config import PREDICT_FORMATS, PredictConfig
+from .config import PRECISIONS, PREDICT_FORMATS, PredictConfig
 from .errors import UserError
 from .records import WeightsRef
 
 __all__ = ["PredictResult", "run", "resolve_head", "FORMATS"]
 
 FORMATS = PREDICT_FORMATS
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,6 +98,22 @@ def _weights_spec(cfg: PredictConfig, weights: WeightsRef) -> tuple:
     return (cfg.weights or weights.spec), (weights.seed if weights.seed is not None else 0)
 
 
+def _precision(made: str, device: str, head: str) -> str:
+    """The head's feature precision where this device runs it natively, else what ``auto`` picks
+    here (a head made in bf16 on an A100 still predicts on a T4 or a CPU without native bf16)."""
+    from . import backbone
+
+    if made not in PRECISIONS:
+        return "auto"
+    on = backbone.choose_device(device)
+    here = backbone.supported_precision(made, on)
+    if here != made:
+        log.warning("head %r was fitted on %s features, which %s does not compute natively: computing %s "
+                    "features instead (they differ slightly; a feature cache made in %s is not reused)",
+                    head, made, on, here, made)
+    return here
+
+
 def run(cfg: PredictConfig) -> PredictResult:
     """Classify every image in ``cfg.inputs`` (files or folders, searched recursively)."""
     from . import data, heads
@@ -108,7 +127,8 @@ def run(cfg: PredictConfig) -> PredictResult:
     if not paths:
         raise UserError(f"no image files found in {list(cfg.inputs)}; give image files or folders that hold them")
     spec, seed = _weights_spec(cfg, feats.weights)
-    extractor = ResNet18Features(weights=spec, seed=seed, device=cfg.device, precision=feats.precision or "auto",
+    extractor = ResNet18Features(weights=spec, seed=seed, device=cfg.device,
+                                 precision=_precision(feats.precision or "auto", cfg.device, head.name),
                                  batch_size=cfg.batch_size, draft=feats.draft)
     try:
         extractor.fit(paths)

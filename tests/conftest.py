@@ -62,6 +62,18 @@ def small_images(monkeypatch):
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fp32_on_every_cpu():
+    """`--precision auto` means fp32 in every test, whatever the CPU (and in subprocesses too):
+    on a CPU with native bf16 it would pick bf16. tests/test_precision.py tests the detection.
+    Session-scoped, so that module-scoped fixtures see it too."""
+    from pipeline import backbone
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(backbone.NATIVE_BF16_ENV, "0")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _offline_torch_home(tmp_path, monkeypatch):
     """Keep tests away from the user's hub cache; nothing is downloaded in tests."""

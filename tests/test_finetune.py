@@ -251,3 +251,14 @@ def test_fixed_mode_on_the_real_data_set(real_data, tmp_path, monkeypatch):
     monkeypatch.setitem(config.PREPROCESS, "crop", 224)
     run = finetune.run(_cfg(real_data, tmp_path / "c", mode="fixed", epochs=1, workers=1)).runs[0]
     assert run.metrics["metrics"]["n"] == 153 and run.metrics["pretrained"] is False
+
+
+def test_a_busy_load_average_does_not_change_the_thread_count(tmp_path, monkeypatch):
+    # A load average trails by minutes: a run started right after another job must still use
+    # torch's default thread count (here 2), not the 1 thread a load-based guess would give.
+    data = make_dataset(tmp_path / "data", n_train=2, n_val=1)
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    torch.set_num_threads(2)  # torch's default on a 2-core machine; small_images restores it
+    run = finetune.run(_cfg(data, tmp_path / "c", mode="fixed", epochs=1)).runs[0]
+    assert run.metrics["config"]["threads"] == 2 and "(2 threads)" in run.summary()
+    assert torch.get_num_threads() == 2
