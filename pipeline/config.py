@@ -226,7 +226,7 @@ class FinetuneConfig:
         _interval(self, "step_size", 1)
         _interval(self, "gamma", 0, math.inf, open_low=True, open_high=True, rule="> 0 and finite")
         _workers(self)
-        _interval(self, "threads", 0, MAX_PARALLEL, rule=f"between 0 and {MAX_PARALLEL} (0 for automatic)")
+        _interval(self, "threads", 0, MAX_PARALLEL, rule=f"between 0 and {MAX_PARALLEL} (0 for torch's default)")
         _seed(self)
         drops = (self.epochs - 1) // self.step_size  # StepLR multiplies the lr by gamma this often
         if math.log(self.lr) + drops * math.log(max(1.0, self.gamma)) > math.log(FLOAT32_MAX):
