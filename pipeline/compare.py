@@ -41,7 +41,7 @@ import numpy as np
 
 from .config import CompareConfig
 from .files import atomic_write
-from .errors import UserError
+from .errors import DamagedCacheError, UserError
 from .records import HeadRecord, RecordError, RunRecord, read_json
 
 __all__ = [
@@ -725,6 +725,8 @@ def _figures(res: CompareResult, report_dir: str, data: str) -> Dict[str, str]:
         try:
             if job(path):
                 figures[name] = path
+        except DamagedCacheError:
+            raise  # a damaged feature cache stops the report, naming the file and --rebuild
         except UserError as exc:
             warnings.warn(f"figure {name} left out: {exc}")
         except Exception as exc:  # a figure must never cost the user the table

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["UserError", "ParameterError"]
+__all__ = ["UserError", "ParameterError", "DamagedCacheError"]
 
 
 class UserError(Exception):
@@ -30,3 +30,11 @@ class ParameterError(UserError):
     def render(self, name: Callable[[str], str] = str) -> str:
         """The message, each parameter written as ``name(parameter)``."""
         return self.template.format(**{p: name(p) for p in self.parameters})
+
+
+class DamagedCacheError(UserError):
+    """A feature cache whose bytes are not what was written: a chunk failing its checksum, a
+    truncated or garbled file. The message names the file and the fix (``--rebuild``).
+
+    Unlike other problems with a cache, it is never worked around silently (for example by
+    recomputing the features): the user learns that the file is damaged."""

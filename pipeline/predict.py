@@ -127,9 +127,11 @@ def run(cfg: PredictConfig) -> PredictResult:
     if not paths:
         raise UserError(f"no image files found in {list(cfg.inputs)}; give image files or folders that hold them")
     spec, seed = _weights_spec(cfg, feats.weights)
+    # Images already in a matching feature cache under --cache are read from it (checksummed), not recomputed.
     extractor = ResNet18Features(weights=spec, seed=seed, device=cfg.device,
                                  precision=_precision(feats.precision or "auto", cfg.device, head.name),
-                                 batch_size=cfg.batch_size, draft=feats.draft)
+                                 batch_size=cfg.batch_size, draft=feats.draft,
+                                 cache=cfg.cache if os.path.isdir(cfg.cache) else None)
     try:
         extractor.fit(paths)
     except ValueError as exc:

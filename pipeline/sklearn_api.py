@@ -345,7 +345,9 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
                             and transform.get("draft_jpeg_min_side") == want["draft_jpeg_min_side"]):
                         cached = {row.sha1: row.feature for row in store.read_known_rows(path).values()
                                   if row.feature is not None}
-                except UserError:
+                except store.DamagedCacheError:
+                    raise  # never silently recompute around damage: the user should know (and --rebuild)
+                except UserError:  # not a cache of this project
                     cached = {}
                 with _LOCK:
                     _CACHE_INDEX[key] = cached

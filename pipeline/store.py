@@ -7,12 +7,19 @@ Layout of ``cache/features/<data>-<key>.h5`` (readable with plain h5py or ``h5ls
                              versions (JSON), created, settings_key, content_key
     /<split>/features float32 (N, 512)   global-average-pooled ResNet18 pre-logits
     /<split>/labels   int64 (N,)         index into classes
-    /<split>/paths    utf-8 (N,)         image path relative to data_root
-    /<split>/sha1     utf-8 (N,)         sha1 of the image file's bytes
+    /<split>/paths    utf-8 (N,)         image path relative to data_root (fixed length)
+    /<split>/sha1     utf-8 (N,)         sha1 of the image file's bytes (fixed length)
     /<split>/size, /<split>/mtime_ns     int64 (N,) file stat, for cheap change detection
     /<split>/views    float32 (N, K, 512) optional, K augmented passes (train split)
     /<split>          attrs: complete (bool), n (int), skipped (JSON list of
                              {path, reason, sha1, size, mtime_ns})
+
+Every data set is chunked with HDF5's Fletcher-32 checksum filter (format version 2), so
+HDF5 itself verifies each chunk it reads; a mismatch is a :class:`DamagedCacheError`.
+Strings are fixed-length because HDF5 filters cannot apply to variable-length data. The
+file is written with HDF5 1.10's object format (``libver="v110"``), whose object headers
+carry checksums too, so damaged attributes are caught as well. Version-1 caches (no
+checksums) are still read, with a warning.
 
 A cache is written whole to a temporary name and renamed, so a file under the final name is
 always complete. Work in progress lives in ``<file>.parts/`` as one ``.npz`` per batch (each
@@ -40,12 +47,15 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import h5py
 import numpy as np
 
-from .errors import UserError
+from .errors import DamagedCacheError, UserError
 
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "FORMAT_SHARD",
+    "DamagedCacheError",
+    "FEATURE_CHUNK_ROWS",
+    "HDF5_LIBVER",
     "Row",
     "SplitRows",
     "settings_key",
@@ -68,13 +78,20 @@ __all__ = [
     "remove_cache",
     "remove_temporaries",
     "describe",
+    "verify",
     "library_versions",
 ]
 
 FORMAT = "pipeline.features"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every data set carries a Fletcher-32 checksum
+_UNCHECKED_VERSION = 1  # still read, with a warning: no checksums
 FORMAT_SHARD = "pipeline.features.shard"
-_STR = h5py.string_dtype("utf-8")
+HDF5_LIBVER = ("v110", "latest")  # HDF5 1.10 object headers, which carry checksums
+FEATURE_CHUNK_ROWS = 1024  # rows per chunk of <split>/features (2 MiB); the checksum is per chunk
+_ROWS_PER_CHUNK = {"features": FEATURE_CHUNK_ROWS, "views": 256}  # others: _COLUMN_CHUNK rows
+_COLUMN_CHUNK = 65536
+_VERIFY_BYTES = 32 << 20  # verify() reads at most this much at a time
+
 
 
 @dataclass
@@ -168,7 +185,7 @@ def _write_atomic(path: str, fill) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
             fill(f)
             f.flush()
         with open(tmp, "rb+") as fh:
@@ -197,23 +214,34 @@ def _write_file(f: h5py.File, fmt: str, settings: dict, meta: dict, classes: Lis
 
 def _write_split(group: h5py.Group, data: SplitRows, complete: bool = True) -> None:
     n = len(data.rows)
-    chunk = (max(1, min(n, 1024)), 512)
     feats = np.stack([r.feature for r in data.rows]).astype(np.float32) if n else np.zeros((0, 512), np.float32)
-    group.create_dataset("features", data=feats, chunks=chunk if n else None, maxshape=(None, 512))
-    group.create_dataset("labels", data=np.asarray(data.labels, dtype=np.int64))
-    group.create_dataset("paths", data=[r.relpath for r in data.rows], dtype=_STR)
-    group.create_dataset("sha1", data=[r.sha1 for r in data.rows], dtype=_STR)
-    group.create_dataset("size", data=np.asarray([r.size for r in data.rows], dtype=np.int64))
-    group.create_dataset("mtime_ns", data=np.asarray([r.mtime_ns for r in data.rows], dtype=np.int64))
+    _dataset(group, "features", feats)
+    _dataset(group, "labels", np.asarray(data.labels, dtype=np.int64))
+    _dataset(group, "paths", _text([r.relpath for r in data.rows]))
+    _dataset(group, "sha1", _text([r.sha1 for r in data.rows]))
+    _dataset(group, "size", np.asarray([r.size for r in data.rows], dtype=np.int64))
+    _dataset(group, "mtime_ns", np.asarray([r.mtime_ns for r in data.rows], dtype=np.int64))
     if n and data.rows[0].views is not None:
-        views = np.stack([r.views for r in data.rows]).astype(np.float32)
-        group.create_dataset("views", data=views, chunks=(max(1, min(n, 256)),) + views.shape[1:])
+        _dataset(group, "views", np.stack([r.views for r in data.rows]).astype(np.float32))
     group.attrs["n"] = n
     group.attrs["complete"] = complete
     group.attrs["skipped"] = json.dumps([
         {"path": r.relpath, "reason": r.error, "sha1": r.sha1, "size": r.size, "mtime_ns": r.mtime_ns}
         for r in data.skipped
     ])
+
+
+def _dataset(group: h5py.Group, name: str, values: np.ndarray) -> None:
+    """A chunked, resizable data set with a Fletcher-32 checksum on every chunk."""
+    rows = max(1, min(len(values), _ROWS_PER_CHUNK.get(name, _COLUMN_CHUNK)))
+    group.create_dataset(name, data=values, chunks=(rows,) + values.shape[1:],
+                         maxshape=(None,) + values.shape[1:], fletcher32=True)
+
+
+def _text(values: List[str]) -> np.ndarray:
+    """Fixed-length UTF-8: HDF5 filters (the checksum) cannot apply to variable-length strings."""
+    encoded = [v.encode("utf-8") for v in values]
+    return np.array(encoded, dtype=h5py.string_dtype("utf-8", max([1] + [len(e) for e in encoded])))
 
 
 def _open(path: str) -> h5py.File:
@@ -223,7 +251,7 @@ def _open(path: str) -> h5py.File:
     try:
         f = h5py.File(path, "r")
     except Exception as exc:
-        raise UserError(
+        raise DamagedCacheError(
             f"feature cache {path!r} is corrupt or not HDF5 ({type(exc).__name__}); delete it or rerun "
             "`python -m pipeline features --rebuild`"
         ) from None
@@ -231,8 +259,12 @@ def _open(path: str) -> h5py.File:
         f.close()
         raise UserError(f"{path!r} is not a feature cache of this project (no format={FORMAT!r} attribute); "
                         "pass a cache that `python -m pipeline features` made, or rerun it with --rebuild")
-    if int(f.attrs.get("format_version", -1)) != FORMAT_VERSION:
-        version = f.attrs.get("format_version")
+    version = int(f.attrs.get("format_version", -1))
+    if version == _UNCHECKED_VERSION:
+        warnings.warn(f"feature cache {path!r} has format version {version}, which stores no checksums: damage "
+                      "inside it cannot be detected; rerun `python -m pipeline features` to write a checksummed "
+                      f"cache (version {FORMAT_VERSION}, a new file) and use that one")
+    elif version != FORMAT_VERSION:
         f.close()
         raise UserError(
             f"feature cache {path!r} has format version {version}, this project reads {FORMAT_VERSION}; "
@@ -254,11 +286,23 @@ def _attrs(f: h5py.File) -> dict:
     return meta
 
 
-def _corrupt(path: str, exc: Exception) -> UserError:
-    return UserError(
+def _corrupt(path: str, exc: Exception, where: str = "") -> DamagedCacheError:
+    if "filter returned failure" in str(exc):  # the only filter is the checksum
+        what = f"data set {where} failed its checksum" if where else "a data set failed its checksum"
+        return DamagedCacheError(f"feature cache {path!r} is damaged: {what} (its bytes changed after it was "
+                                 "written); rerun `python -m pipeline features --rebuild`")
+    return DamagedCacheError(
         f"feature cache {path!r} is damaged ({type(exc).__name__}: {str(exc)[:80]}); rerun "
         "`python -m pipeline features --rebuild`"
     )
+
+
+def _read(path: str, ds: h5py.Dataset, selection=(), text: bool = False):
+    """``ds[selection]`` (strings decoded when ``text``); HDF5 verifies each chunk's checksum."""
+    try:
+        return ds.asstr()[selection] if text else ds[selection]
+    except Exception as exc:
+        raise _corrupt(path, exc, ds.name.lstrip("/")) from None
 
 
 def read_meta(path: str) -> dict:
@@ -298,10 +342,10 @@ def read_split(path: str, split: str, views: bool = False) -> Tuple[np.ndarray, 
         try:
             if not g.attrs.get("complete", False):
                 raise UserError(f"split {split!r} of {path!r} is incomplete; rerun `python -m pipeline features`")
-            feats = g["features"][()]
-            labels = g["labels"][()]
-            paths = list(g["paths"].asstr()[()])
-            view_arr = g["views"][()] if views and "views" in g else None
+            feats = _read(path, g["features"])
+            labels = _read(path, g["labels"])
+            paths = list(_read(path, g["paths"], text=True))
+            view_arr = _read(path, g["views"]) if views and "views" in g else None
         except UserError:
             raise
         except Exception as exc:
@@ -317,12 +361,16 @@ def iter_split_chunks(path: str, split: str, chunk_rows: int,
     ``i * chunk_rows`` up to the next chunk), e.g. a shuffled permutation; default sequential.
     """
     with _open(path) as f:
-        g = f[split]
-        n = int(g.attrs["n"])
+        try:
+            g = f[split]
+            n = int(g.attrs["n"])
+            feats, labels = g["features"], g["labels"]
+        except Exception as exc:
+            raise _corrupt(path, exc) from None
         for i in (range(-(-n // chunk_rows)) if order is None else order):
-            start = int(i) * chunk_rows
-            stop = min(n, start + chunk_rows)
-            yield g["features"][start:stop], g["labels"][start:stop]
+            rows = slice(int(i) * chunk_rows, min(n, (int(i) + 1) * chunk_rows))
+            chunk = _read(path, feats, rows), _read(path, labels, rows)
+            yield chunk
 
 
 def read_known_rows(path: str, features: bool = True) -> Dict[str, Row]:
@@ -335,17 +383,21 @@ def read_known_rows(path: str, features: bool = True) -> Dict[str, Row]:
     with _open(path) as f:
         try:
             return _rows_of(f, features)
+        except UserError:
+            raise
         except Exception as exc:
             raise _corrupt(path, exc) from None
 
 
 def _rows_of(f: h5py.File, features: bool) -> Dict[str, Row]:
     known: Dict[str, Row] = {}
+    path = f.filename
     for g in f.values():
-        feats = g["features"][()] if features else None
-        views = g["views"][()] if features and "views" in g else None
+        feats = _read(path, g["features"]) if features else None
+        views = _read(path, g["views"]) if features and "views" in g else None
         for i, (rel, sha, size, mtime) in enumerate(zip(
-                g["paths"].asstr()[()], g["sha1"].asstr()[()], g["size"][()], g["mtime_ns"][()])):
+                _read(path, g["paths"], text=True), _read(path, g["sha1"], text=True), _read(path, g["size"]),
+                _read(path, g["mtime_ns"]))):
             known[rel] = Row(rel, sha, int(size), int(mtime), None if feats is None else feats[i],
                              None if views is None else views[i])
         for s in json.loads(g.attrs["skipped"]):
@@ -368,6 +420,8 @@ def read_shard_rows(path: str, features: bool = True, key: Optional[str] = None)
             if key is not None and f.attrs.get("settings_key") != key:
                 raise UserError(f"shard {path!r} was made with other settings; delete it")
             return _rows_of(f, features)
+    except DamagedCacheError:
+        raise UserError(f"shard {path!r} is damaged (a checksum or structure error); delete it and rerun") from None
     except UserError:
         raise
     except Exception as exc:
@@ -478,4 +532,37 @@ def describe(path: str) -> str:
         for s in info["skipped"]:
             lines.append(f"    skipped {s['path']}: {s['reason']}")
     lines.append(f"  {'versions':<14} " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()))
+    checked, unchecked = verify(path)
+    lines.append(f"  {'checksums':<14} " + (f"{checked} data sets read whole, every chunk's Fletcher-32 checksum "
+                                            "matches" if not unchecked else
+                                            f"none stored for {', '.join(unchecked)} (format version "
+                                            f"{meta.get('format_version')}); the data cannot be verified"))
     return "\n".join(lines)
+
+
+def verify(path: str) -> Tuple[int, List[str]]:
+    """Read every data set of a cache whole, so HDF5 checks every chunk's checksum.
+
+    Returns ``(data sets verified, data sets that store no checksum)``.
+
+    Raises
+    ------
+    DamagedCacheError
+        A chunk's bytes do not match its checksum, or the file is otherwise damaged.
+    """
+    checked, unchecked = 0, []
+    with _open(path) as f:
+        try:
+            datasets = [g[name] for g in f.values() for name in g]
+        except Exception as exc:
+            raise _corrupt(path, exc) from None
+        for ds in datasets:
+            row_bytes = max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64)))
+            step = max(1, _VERIFY_BYTES // row_bytes)
+            for start in range(0, ds.shape[0], step):
+                _read(path, ds, slice(start, start + step))
+            if ds.fletcher32:
+                checked += 1
+            else:
+                unchecked.append(ds.name.lstrip("/"))
+    return checked, unchecked

@@ -194,6 +194,111 @@ def test_damaged_feature_cache_is_one_line_naming_the_file_and_rebuild(kind, cop
             _assert_same_cache(copy["features"], copy["pristine"]["features"])
 
 
+# --------------------------------------------------------------------------- bit flips inside an intact cache
+
+
+def flip_in_chunk(path, dataset: str = "val/features", chunk: int = 0) -> None:
+    """Flip one bit in the middle of one stored chunk of ``dataset`` (its data, not its checksum)."""
+    with h5py.File(path, "r") as f:
+        assert f[dataset].fletcher32, "every data set is checksummed"
+        info = f[dataset].id.get_chunk_info(chunk)
+    with open(path, "r+b") as fh:
+        fh.seek(info.byte_offset + (info.size - 4) // 2)
+        byte = fh.read(1)[0]
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([byte ^ 0x10]))
+
+
+@pytest.fixture(scope="module")
+def flipped(tmp_path_factory):
+    """Features and a head made by the stages, then one bit flipped inside a feature chunk."""
+    root = tmp_path_factory.mktemp("flipped")
+    data = make_dataset(root / "data", n_train=3, n_val=2)
+    cache = root / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in SMALL.items():
+            mp.setitem(config.PREPROCESS, key, value)
+        path = features.run(_features_cfg(data, cache)).path
+        heads.run(HeadsConfig(features=path, cache=str(cache), heads=("logistic",), cv_folds=2))
+    flip_in_chunk(path)
+    return {"data": data, "cache": cache, "features": path, "bytes": Path(path).read_bytes()}
+
+
+def _flipped_commands(flipped, reports) -> Dict[str, List[str]]:
+    cache, path = str(flipped["cache"]), flipped["features"]
+    return {
+        "info": ["info", path],
+        "heads": ["heads", "--features", path, "--cache", cache, "--heads", "ridge", "--cv-folds", "2"],
+        "compare": ["compare", "--cache", cache, "--reports", str(reports)],
+        "predict": ["predict", "--head", "logistic", "--cache", cache, "--device", "cpu",
+                    str(flipped["data"] / "val" / "bees")],
+    }
+
+
+CHECKSUM_MESSAGE = ("data set val/features failed its checksum", "--rebuild")
+
+
+@pytest.mark.parametrize("stage", ["info", "heads", "compare", "predict"])
+def test_a_flipped_bit_in_a_feature_chunk_is_one_line_naming_the_file_and_rebuild(stage, flipped, tmp_path,
+                                                                                   capsys, fast_weights):
+    with faults.case("bit flips (checksums)", f"{stage}: one bit flipped in a val/features chunk"):
+        argv = _flipped_commands(flipped, tmp_path / "reports")[stage]
+        _one_line_exit_2(capsys, argv, flipped["features"], *CHECKSUM_MESSAGE)
+        assert Path(flipped["features"]).read_bytes() == flipped["bytes"]  # refused, not replaced
+
+
+def test_load_head_evaluate_and_the_transformer_refuse_a_flipped_bit(flipped, fast_weights):
+    from pipeline.sklearn_api import ResNet18Features
+
+    with faults.case("bit flips (checksums)", "load_head(...).evaluate and ResNet18Features(cache=...)"):
+        head = heads.load_head(flipped["cache"] / "heads" / "logistic.json")
+        with pytest.raises(store.DamagedCacheError, match="failed its checksum.*--rebuild"):
+            head.evaluate(flipped["features"])
+        images = sorted(str(p) for p in (flipped["data"] / "val").rglob("*.jpg"))
+        extractor = ResNet18Features(weights="random", device="cpu", precision="fp32", cache=str(flipped["cache"]))
+        with pytest.raises(store.DamagedCacheError, match="failed its checksum"):
+            extractor.fit(images).transform(images)
+
+
+@pytest.mark.slow
+def test_a_flipped_bit_stops_every_reading_stage_as_a_real_subprocess(flipped, tmp_path):
+    for stage, argv in _flipped_commands(flipped, tmp_path / "reports").items():
+        with faults.case("bit flips (checksums)", f"{stage} as a subprocess: one bit flipped in a val/features chunk"):
+            proc = faults.start(argv, preprocess=SMALL)
+            out, err = proc.communicate(timeout=300)
+            lines = [line for line in err.strip().splitlines() if not line.startswith("warning: ")]
+            assert proc.returncode == 2 and "Traceback" not in err and len(lines) == 1, err
+            assert flipped["features"] in lines[0] and all(t in lines[0] for t in CHECKSUM_MESSAGE), lines[0]
+    assert Path(flipped["features"]).read_bytes() == flipped["bytes"]
+
+
+@pytest.mark.parametrize("dataset", ["train/features", "train/labels", "train/paths", "val/sha1", "val/mtime_ns"])
+def test_every_data_set_is_checksummed(dataset, copy):
+    with faults.case("bit flips (checksums)", f"store: one bit flipped in {dataset}"):
+        flip_in_chunk(copy["features"], dataset)
+        with pytest.raises(store.DamagedCacheError, match=f"{dataset} failed its checksum"):
+            store.verify(copy["features"])
+        split, column = dataset.split("/")
+        with pytest.raises(store.DamagedCacheError, match=f"{dataset} failed its checksum"):
+            if column in ("features", "labels", "paths"):  # what the heads read
+                store.read_split(copy["features"], split)
+            else:  # what `features` reads to plan an update
+                store.read_known_rows(copy["features"], features=False)
+
+
+def test_a_version_1_cache_is_read_with_a_note(tmp_path, monkeypatch):
+    rows = [store.Row(f"train/a/{i}.jpg", f"{i:040x}", 1, 1, np.full(512, i, np.float32)) for i in range(4)]
+    splits = {s: store.SplitRows(rows, [0, 1, 0, 1]) for s in ("train", "val")}
+    path = str(tmp_path / "v1.h5")
+    monkeypatch.setattr(store, "library_versions", lambda: {})
+    with monkeypatch.context() as mp:
+        mp.setattr(store, "FORMAT_VERSION", 1)
+        store.write_cache(path, {"old": True}, {}, ["a", "b"], splits)
+    with pytest.warns(UserWarning, match="format version 1, which stores no checksums"):
+        feats, labels, paths, _ = store.read_split(path, "train")
+    assert paths == [r.relpath for r in rows] and feats[3, 0] == 3
+
+
 def _finetune_ok(capsys, copy) -> dict:
     assert cli.main(_finetune_cli(copy["data"], copy["cache"])) == 0, capsys.readouterr().err
     return _json(copy["run"] / "metrics.json")
