@@ -251,8 +251,11 @@ def _add_predict(sub) -> None:
                        description="Class and probability per image; folders are searched recursively. "
                                    "Files that cannot be decoded are reported and skipped.")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
-    p.add_argument("--head", required=True, metavar="NAME",
-                   help="a head name under <cache>/heads/ (e.g. logistic), or the path of its .json or model file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--head", metavar="NAME",
+                       help="a head name under <cache>/heads/ (e.g. logistic), or the path of its .json or model file")
+    which.add_argument("--model", metavar="FILE.onnx",
+                       help="a file written by `export`, run with ONNX Runtime (no torch needed)")
     p.add_argument("--cache", default=d.cache, metavar="DIR", help="cache folder holding heads/")
     p.add_argument("--weights", default=d.weights,
                    help="backbone weights (imagenet | random | PATH); default: those the head was fitted on")
@@ -275,6 +278,29 @@ def _run_predict(args) -> None:
         raise UserError(f"none of the {len(result.skipped)} image file(s) could be decoded; nothing was classified")
 
 
+def _add_export(sub) -> None:
+    d = config.ExportConfig()
+    p = sub.add_parser("export", help="write a head or a run as one ONNX image classifier",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="One .onnx file (plus a .json sidecar), checked with ONNX Runtime on val images "
+                                   "against the source before it gets its name.")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--head", metavar="NAME", help="a saved head under <cache>/heads/ (a linear one)")
+    which.add_argument("--run", metavar="MODE[-SEED]", help="a finished run under <cache>/runs/")
+    p.add_argument("--cache", default=d.cache, metavar="DIR", help="cache folder holding heads/ and runs/")
+    p.add_argument("--out", default=d.out, metavar="PATH", help="the .onnx file or a folder; default: <cache>/export/")
+    p.add_argument("--weights", default=d.weights,
+                   help="a head's backbone weights (imagenet | random | PATH); default: those it was fitted on")
+    p.add_argument("--sample", type=integer, default=d.sample, help="val images the written file is checked on")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args) -> None:
+    from . import export
+
+    print(export.run(_config(config.ExportConfig, args)).summary())
+
+
 def _config(cls, args):
     """Build a stage config from the parsed options whose names match its fields."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -289,6 +315,7 @@ STAGES: Dict[str, Callable] = {
     "finetune": _add_finetune,
     "compare": _add_compare,
     "predict": _add_predict,
+    "export": _add_export,
 }
 
 

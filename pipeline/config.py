@@ -32,6 +32,8 @@ __all__ = [
     "CompareConfig",
     "PredictConfig",
     "ParameterError",
+    "ExportConfig",
+    "ONNX_OPSET",
 ]
 
 # The reference protocol's preprocessing (PyTorch transfer-learning tutorial): one dict,
@@ -67,6 +69,8 @@ MODES = ("finetune", "scratch", "fixed", "partial")  # end-to-end training modes
 BN_CHOICES = ("frozen-eval", "train")
 TRAINABLE_FROM = ("layer1", "layer2", "layer3", "layer4")
 PREDICT_FORMATS = ("table", "csv", "json")
+# The ONNX opset of exported models: the newest that torch.onnx writes and ONNX Runtime runs.
+ONNX_OPSET = 23
 
 
 # --------------------------------------------------------------------------- checks
@@ -269,7 +273,25 @@ class PredictConfig:
     batch_size: int = 0
     format: str = "table"  # table | csv | json
     weights: str = ""  # backbone weights; default: those the head's features were made with
+    model: str = ""  # an exported .onnx file instead of --head (ONNX Runtime, no torch)
 
     def __post_init__(self):
         _one_of(self, "format", PREDICT_FORMATS)
         _interval(self, "batch_size", 0, rule=">= 0 (0: automatic)")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Write a head or a run as one ONNX image classifier."""
+
+    head: str = ""  # a head name under <cache>/heads/ (or its sidecar path); or:
+    run: str = ""  # a run name under <cache>/runs/: MODE or MODE-SEED
+    cache: str = DEFAULT_CACHE_DIR
+    out: str = ""  # the .onnx file (or a folder for it); default: <cache>/export/
+    weights: str = ""  # a head's backbone weights; default: those its features were made with
+    sample: int = 64  # val images the written file is checked on (at most)
+    tolerance: float = 1e-4  # largest accepted difference of probabilities from the source
+
+    def __post_init__(self):
+        _interval(self, "sample", 1, rule=">= 1 (val images the exported file is checked on)")
+        _interval(self, "tolerance", 0, math.inf, open_low=True, open_high=True, rule="> 0 and finite")

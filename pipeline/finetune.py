@@ -704,6 +704,7 @@ def _finish(step, loaders, dataset, directory, meta, settings, history, best_epo
         config=meta["config"],
         versions=store.library_versions(),
         size_bytes=os.path.getsize(best_path),
+        checkpoint=os.path.basename(best_path),
         skipped=skipped,
         key=meta["key"],
         settings=settings,

@@ -115,12 +115,17 @@ def _precision(made: str, device: str, head: str) -> str:
 
 
 def run(cfg: PredictConfig) -> PredictResult:
-    """Classify every image in ``cfg.inputs`` (files or folders, searched recursively)."""
+    """Classify every image in ``cfg.inputs`` (files or folders, searched recursively) with
+    ``cfg.head``, or with the exported ``cfg.model`` (ONNX Runtime, no torch: see onnx_client)."""
+    if not cfg.inputs:
+        raise UserError("no input given: name image files or folders to classify")
+    if cfg.model:
+        from . import onnx_client
+
+        return onnx_client.run(cfg)
     from . import data, heads
     from .sklearn_api import ResNet18Features
 
-    if not cfg.inputs:
-        raise UserError("no input given: name image files or folders to classify")
     head = heads.load_head(resolve_head(cfg.head, cfg.cache))
     feats = head.record.features
     paths = data.collect_images(cfg.inputs)

@@ -343,6 +343,7 @@ class RunRecord(_Record):
     created: str
     skipped: List[Dict[str, Any]] = field(default_factory=list)
     complete: bool = True
+    checkpoint: str = "best.pt"  # the file in the run folder holding the model ``metrics`` describe
     kind: str = "run"
     schema: str = "pipeline.run"
     schema_version: int = SCHEMA_VERSION
