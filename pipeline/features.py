@@ -338,7 +338,7 @@ def run(cfg: FeaturesConfig) -> FeaturesResult:
 def _run_local(cfg: FeaturesConfig, res: Resolved) -> FeaturesResult:
     os.makedirs(os.path.dirname(res.path), exist_ok=True)
     with FileLock(res.path + ".lock"):
-        store.remove_temporaries(res.path)  # left by a killed run
+        files.remove_temporaries(*os.path.split(res.path))  # left by a killed run
         if cfg.rebuild:
             store.remove_cache(res.path)
         start = time.perf_counter()
@@ -380,7 +380,7 @@ def _take_lock(stack: contextlib.ExitStack, res: Resolved, cfg: FeaturesConfig) 
     except Timeout:
         raise UserError(f"another extraction holds {res.path + '.lock'!r}; wait for it to finish "
                         "(or raise --dist-timeout)") from None
-    store.remove_temporaries(res.path)  # left by a killed run
+    files.remove_temporaries(*os.path.split(res.path))  # left by a killed run
     if cfg.rebuild:
         store.remove_cache(res.path)
 

@@ -5,34 +5,46 @@ import glob
 import hashlib
 import os
 import uuid
-from typing import BinaryIO, Callable
+from typing import Callable, Optional
 
 __all__ = ["atomic_write", "remove_temporaries", "file_digest"]
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(fh)`` on a temporary file beside ``path``, fsync it, then rename it to ``path``.
+def atomic_write(path: str, write: Callable, *, by_name: bool = False) -> None:
+    """Write ``path`` under a temporary name beside it, fsync, then rename it to ``path``.
 
-    A crash at any point leaves either the old file or the new one, plus at most a
-    ``*.tmp-*`` file that :func:`remove_temporaries` clears.
+    ``write(fh)`` fills an open binary file; with ``by_name``, ``write(temporary_path)``
+    creates the file itself (h5py, which writes through its own driver). A crash at any
+    point leaves either the old file or the new one, plus at most a ``*.tmp-*`` file that
+    :func:`remove_temporaries` clears.
     """
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        if by_name:
+            write(tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+        else:
+            with open(tmp, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def remove_temporaries(directory: str) -> None:
-    """Temporary files of writers killed mid-save; call it under the folder's lock (no live writer)."""
-    for name in glob.glob(os.path.join(glob.escape(directory), "*.tmp-*")):
+def remove_temporaries(directory: str, name: Optional[str] = None) -> None:
+    """Delete the temporary files that writers killed mid-save left in ``directory``:
+    those of the file ``name`` only, or of every file there when ``name`` is None.
+
+    Call it holding the lock that guards those files, so that no live writer has one there.
+    """
+    stem = "*" if name is None else glob.escape(name)
+    for found in glob.glob(os.path.join(glob.escape(directory), stem + ".tmp-*")):
         try:
-            os.remove(name)
+            os.remove(found)
         except OSError:
             pass
 

@@ -47,6 +47,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import h5py
 import numpy as np
 
+from . import files
 from .errors import DamagedCacheError, UserError
 
 __all__ = [
@@ -76,7 +77,6 @@ __all__ = [
     "read_shard_rows",
     "read_shards",
     "remove_cache",
-    "remove_temporaries",
     "describe",
     "verify",
     "library_versions",
@@ -183,17 +183,13 @@ def write_shard(path: str, settings: dict, meta: dict, classes: List[str], split
 def _write_atomic(path: str, fill) -> None:
     """Create ``path`` through ``fill(h5py.File)`` on a temporary name, fsync, rename."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def write(tmp: str) -> None:
         with h5py.File(tmp, "w", libver=HDF5_LIBVER) as f:
             fill(f)
             f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    files.atomic_write(path, write, by_name=True)
 
 
 def _write_file(f: h5py.File, fmt: str, settings: dict, meta: dict, classes: List[str],
@@ -459,12 +455,7 @@ def write_part(directory: str, rows: Iterable[Row], tag: str = "") -> str:
     if ok and ok[0].views is not None:
         arrays["views"] = np.stack([r.views for r in ok])
     name = os.path.join(directory, f"{tag}{uuid.uuid4().hex}.npz")
-    tmp = name + ".tmp"
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, name)
+    files.atomic_write(name, lambda fh: np.savez(fh, **arrays))
     return name
 
 
@@ -500,18 +491,6 @@ def remove_cache(path: str) -> None:
             shutil.rmtree(p)
         elif os.path.exists(p):
             os.remove(p)
-
-
-def remove_temporaries(path: str) -> None:
-    """Delete the temporary files a killed writer left beside the cache ``path``.
-
-    Call it holding the cache's lock: then no live writer has a temporary file there.
-    """
-    for name in glob.glob(glob.escape(path) + ".tmp-*"):
-        try:
-            os.remove(name)
-        except OSError:
-            pass
 
 
 def describe(path: str) -> str:

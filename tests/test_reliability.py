@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from pipeline import cli, config, features, finetune, heads, store
-from pipeline import files as atomic_files  # the one writer of heads, checkpoints and reports
+from pipeline import files as atomic_files  # the one writer of caches, parts, heads, checkpoints and reports
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig
 from tests import faults
 from tests.conftest import SMALL_PREPROCESS, make_dataset, make_image
@@ -595,7 +595,7 @@ def test_full_disk_during_extraction_loses_nothing(tmp_path, capsys, monkeypatch
     cache = tmp_path / "c"
     with faults.case("bad inputs", "no space left: writing a batch's part"):
         with monkeypatch.context() as mp:
-            _Full(mp, store)
+            _Full(mp, atomic_files)
             _one_line_exit_2(capsys, _features_cli(data, cache, "--batch-size", "4"), "no space left", str(cache))
         assert not glob.glob(str(cache / "features" / "*.h5"))
         assert cli.main(_features_cli(data, cache, "--batch-size", "4")) == 0

@@ -1,0 +1,44 @@
+"""The one atomic writer and its clean-up: a file under its final name is always complete."""
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import files
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "a.json"
+    files.atomic_write(str(path), lambda fh: fh.write(b"old"))
+
+    def fail(fh):
+        fh.write(b"half")
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError):
+        files.atomic_write(str(path), fail)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_by_name_lets_a_library_create_the_file_itself(tmp_path):
+    path = tmp_path / "a.h5"
+
+    def write(tmp):
+        assert tmp != str(path) and ".tmp-" in tmp
+        with h5py.File(tmp, "w") as f:
+            f["x"] = np.arange(3)
+
+    files.atomic_write(str(path), write, by_name=True)
+    with h5py.File(path, "r") as f:
+        assert f["x"][:].tolist() == [0, 1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.h5"]
+
+
+def test_remove_temporaries_of_one_file_or_of_a_whole_folder(tmp_path):
+    for name in ("a.h5", "a.h5.tmp-1234abcd", "b.h5.tmp-5678abcd", "a.h5.lock"):
+        (tmp_path / name).write_text("x")
+    files.remove_temporaries(str(tmp_path), "a.h5")  # another writer may be busy with b.h5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "a.h5.lock", "b.h5.tmp-5678abcd"]
+    files.remove_temporaries(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "a.h5.lock"]
