@@ -171,7 +171,7 @@ def _add_finetune(sub) -> None:
     p = sub.add_parser(
         "finetune", help="train ResNet18 end to end: finetune | scratch | fixed | partial",
         description="End-to-end training with the reference protocol's defaults; outputs in "
-                    "CACHE/runs/<mode>[-<seed>]/ (best.pt, last.pt, history.json, metrics.json). "
+                    "CACHE/runs/<run>/ (model.pt: the reported model; last.pt, history.json, metrics.json). "
                     "An interrupted run resumes from last.pt when rerun with the same settings.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(p, d)
@@ -193,6 +193,12 @@ def _add_finetune(sub) -> None:
     p.add_argument("--gamma", type=float, default=d.gamma, help="StepLR: lr factor at each drop")
     p.add_argument("--seeds", type=_seeds, default=d.seeds, metavar="S1,S2,...",
                    help="run once per seed (directories <mode>-<seed>) and report mean ± std; overrides --seed")
+    p.add_argument("--select", default=d.select, metavar="RULE",
+                   help="which epoch's model is the result, never chosen on val: final (the fixed schedule's "
+                        "last epoch) or holdout:F (best epoch on a stratified, seeded fraction F of train, "
+                        "held out from training), e.g. holdout:0.2")
+    p.add_argument("--train-per-class", type=integer, default=d.train_per_class, metavar="K",
+                   help="train on K seeded images per class (a point of the data-size curve); 0: all")
     p.add_argument("--workers", type=integer, default=d.workers, help="data-loading processes; -1: automatic")
     p.add_argument("--threads", type=integer, default=d.threads,
                    help="CPU threads for the network; 0: torch's default, one per physical core "

@@ -114,6 +114,29 @@ def _seed(cfg, name: str = "seed") -> None:
     _interval(cfg, name, *SEED_RANGE)
 
 
+def parse_select(text: str):
+    """``"final"`` -> ``("final", 0.0)``; ``"holdout:0.2"`` -> ``("holdout", 0.2)``: which epoch of an
+    end-to-end run is its result (never one chosen on val).
+
+    Raises
+    ------
+    ValueError
+        Any other form, or a fraction outside (0, 1).
+    """
+    if text == "final":
+        return "final", 0.0
+    rule, _, value = str(text).partition(":")
+    if rule == "holdout":
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = math.nan
+        if 0 < fraction < 1:
+            return "holdout", fraction
+    raise ValueError(f"{text!r} is not a selection rule. Only final or holdout:F with 0 < F < 1 "
+                     "(e.g. holdout:0.2) are supported.")
+
+
 def _workers(cfg) -> None:
     _interval(cfg, "workers", -1, MAX_PARALLEL, rule=f"between 0 and {MAX_PARALLEL} (or -1 for automatic)")
 
@@ -209,6 +232,10 @@ class FinetuneConfig:
     gamma: float = 0.1
     seed: int = 0
     seeds: tuple = ()  # several seeds: one run each, then mean ± std (overrides seed)
+    # Which epoch's model is the result: "final" (the fixed schedule's last epoch) or
+    # "holdout:F" (the best epoch on a stratified, seeded fraction F of train). Never val.
+    select: str = "final"
+    train_per_class: int = 0  # >0: train on K seeded images per class (a data-size curve point)
     workers: int = -1  # -1: automatic; results do not depend on it
     threads: int = 0  # CPU threads for the network; 0: torch's default (one per physical core)
     channels_last: bool = True
@@ -238,6 +265,11 @@ class FinetuneConfig:
                 f"{{lr}} {self.lr} times {{gamma}} {self.gamma} every {self.step_size} epoch(s) exceeds float32's "
                 f"largest value {f32.split()[0]} within {self.epochs} epochs; use a smaller {{lr}} or {{gamma}}",
                 "lr", "gamma")
+        _interval(self, "train_per_class", 0, rule=">= 0 (0: every train image)")
+        try:
+            parse_select(self.select)
+        except ValueError as exc:
+            raise ParameterError("{select} " + _shown(str(exc)), "select") from None
         seeds = self.seeds
         if (any(not isinstance(s, int) or not SEED_RANGE[0] <= s <= SEED_RANGE[1] for s in seeds)
                 or len(set(seeds)) != len(seeds)):

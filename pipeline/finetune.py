@@ -8,10 +8,18 @@ Modes (``--mode``):
               the tutorial's slow "fixed feature extractor" that the feature cache replaces.
 ``partial``   the stem and the residual stages before ``--trainable-from layerN`` are frozen.
 
+Nothing is chosen on val. The reported model and accuracy are the final epoch's (the
+protocol is a fixed schedule: ``--epochs`` with StepLR), or, with ``--select holdout:F``, the
+best epoch on a stratified, seeded fraction ``F`` of *train* held out from training; either
+model is then scored once on val and saved as ``model.pt``, the file to reuse. The
+tutorial's best-val epoch is still measured each epoch (``history.json``) and recorded as
+``best_val_epoch``/``best_val_acc``: chosen on val, so optimistic, and never the result.
+``--train-per-class K`` trains on ``K`` seeded images per class (a data-size curve point).
+
 Reproducible and resumable by construction: the shuffling and every augmentation are a pure
 function of (seed, epoch, position in the epoch), so a run resumed from ``last.pt`` (saved
 after every epoch) ends bit-identical on CPU to an uninterrupted one, whatever the number of
-loader processes. Outputs live in ``<cache>/runs/<mode>[-<seed>]/``; ``metrics.json`` is
+loader processes. Outputs live in ``<cache>/runs/<run name>/`` (see :func:`run_name`); ``metrics.json`` is
 written last, so a run without it is unfinished.
 """
 from __future__ import annotations
@@ -34,8 +42,8 @@ from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import backbone, data, files, metrics, store
-from .config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig
+from . import backbone, data, files, metrics, splits as subsets, store
+from .config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_select
 from .errors import UserError
 from .records import RunRecord, read_json
 from .features import default_batch_size, default_workers
@@ -54,10 +62,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 RUN_FORMAT = "pipeline.run"
-RUN_FORMAT_VERSION = 1
+RUN_FORMAT_VERSION = 2  # 2: model.pt (the reported model) replaces best.pt (chosen on val)
 # The network as an ordered list of stages; a mode freezes a prefix of it.
 _STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc")
-_FILES = ("metrics.json", "last.pt", "best.pt", "history.json")
+_FILES = ("metrics.json", "last.pt", "model.pt", "best.pt", "history.json")  # best.pt: format 1 leftovers
+BEST_VAL_NOTE = "best epoch on val: chosen on val, optimistic"
 
 
 # --------------------------------------------------------------------------- results
@@ -87,10 +96,16 @@ class RunResult:
         acc = m["metrics"]
         low, high = acc["accuracy_ci95"]
         label = "" if m["pretrained"] else " (not pretrained)"
+        sel = m["selection"]
+        chosen = (f"final epoch {sel['selected_epoch']} of {m['epochs']}" if sel["rule"] == "final" else
+                  f"epoch {sel['selected_epoch']} of {m['epochs']}, chosen on {sel['holdout_n']} held-out "
+                  f"train images ({sel['fraction']:g})")
+        subset = f", {m['train_per_class']} train images per class" if m.get("train_per_class") else ""
         lines = [f"run {m['name']:<14} {self.path}",
-                 f"  mode           {m['mode']}, seed {m['seed']}, weights {m['weights_id']}{label}",
-                 f"  best val acc   {acc['accuracy']:.4f} [95% CI {low:.3f}-{high:.3f}] at epoch "
-                 f"{m['best_epoch']} of {m['epochs']}; balanced {acc['balanced_accuracy']:.4f}"]
+                 f"  mode           {m['mode']}, seed {m['seed']}, weights {m['weights_id']}{label}{subset}",
+                 f"  val acc        {acc['accuracy']:.4f} [95% CI {low:.3f}-{high:.3f}] ({chosen}); "
+                 f"balanced {acc['balanced_accuracy']:.4f}",
+                 f"  best val epoch {m['best_val_epoch']}: {m['best_val_acc']:.4f} ({BEST_VAL_NOTE}; not the result)"]
         if self.up_to_date:
             lines.append("  up to date     a complete run with these settings exists: nothing trained")
         else:
@@ -125,7 +140,7 @@ class FinetuneResult:
         if len(self.runs) > 1:
             mean, std = self.accuracy_mean_std()
             mode = self.runs[0].metrics["mode"]
-            lines.append(f"{mode}: best val accuracy {mean:.4f} ± {std:.4f} "
+            lines.append(f"{mode}: val accuracy {mean:.4f} ± {std:.4f} "
                          f"(mean ± std over seeds {', '.join(str(r.metrics['seed']) for r in self.runs)})")
         return "\n".join(lines)
 
@@ -133,13 +148,17 @@ class FinetuneResult:
 # --------------------------------------------------------------------------- entry point
 
 
-def run_name(mode: str, seed: int) -> str:
-    """``<mode>`` for seed 0, ``<mode>-<seed>`` otherwise (the compare stage reads these)."""
-    return mode if seed == 0 else f"{mode}-{seed}"
+def run_name(mode: str, seed: int, select: str = "final", train_per_class: int = 0) -> str:
+    """``<mode>[-k<K>][-holdout<F>][-<seed>]``: e.g. ``finetune``, ``scratch-3``, ``finetune-k8``,
+    ``finetune-holdout0.2``. Runs of other train subsets or selection rules never share a folder."""
+    rule, fraction = parse_select(select)
+    name = mode + (f"-k{train_per_class}" if train_per_class else "")
+    name += f"-holdout{fraction:g}" if rule == "holdout" else ""
+    return name if seed == 0 else f"{name}-{seed}"
 
 
-def run_dir(cache: str, mode: str, seed: int) -> str:
-    return os.path.join(cache, "runs", run_name(mode, seed))
+def run_dir(cache: str, mode: str, seed: int, select: str = "final", train_per_class: int = 0) -> str:
+    return os.path.join(cache, "runs", run_name(mode, seed, select, train_per_class))
 
 
 def run(cfg: FinetuneConfig) -> FinetuneResult:
@@ -316,6 +335,34 @@ class _Loaders:
     generator: torch.Generator
     val_items: List[data.Item]
     n_train: int
+    holdout: Optional[torch.utils.data.DataLoader] = None  # --select holdout:F: train images held out
+    holdout_labels: Optional[np.ndarray] = None
+
+
+def _plan(cfg: FinetuneConfig, seed: int, splits: Dict[str, List[data.Item]],
+          classes: List[str]) -> Dict[str, List[data.Item]]:
+    """The images one run trains on, selects on (``holdout``, from train) and is scored on (``val``).
+
+    Every subset is drawn from train by class labels and ``seed`` alone (``pipeline.splits``).
+    """
+    train = list(splits["train"])
+    labels = np.array([i.label for i in train])
+    if cfg.train_per_class:
+        counts = np.bincount(labels, minlength=len(classes))
+        if cfg.train_per_class > counts.min():
+            small = classes[int(counts.argmin())]
+            raise UserError(f"--train-per-class {cfg.train_per_class} exceeds the {counts.min()} train images of "
+                            f"class {small!r}; use at most {counts.min()}, or 0 for every train image")
+        train = [train[i] for i in subsets.per_class_subset(labels, cfg.train_per_class, seed)]
+    plan = {"train": train, "val": list(splits["val"])}
+    rule, fraction = parse_select(cfg.select)
+    if rule == "holdout":
+        try:
+            fit, hold = subsets.holdout_split([i.label for i in train], fraction, seed)
+        except ValueError as exc:
+            raise UserError(f"--select {cfg.select}: {exc}; use another fraction or more train images") from None
+        plan["train"], plan["holdout"] = [train[i] for i in fit], [train[i] for i in hold]
+    return plan
 
 
 def _loaders(cfg: FinetuneConfig, root: str, splits: Dict[str, List[data.Item]], seed: int,
@@ -334,7 +381,13 @@ def _loaders(cfg: FinetuneConfig, root: str, splits: Dict[str, List[data.Item]],
     val = torch.utils.data.DataLoader(
         data.ImageDataset(root, splits["val"], data.eval_transform()), batch_size=big, shuffle=False,
         **common)
-    return _Loaders(train, val, sampler, generator, list(splits["val"]), len(splits["train"]))
+    loaders = _Loaders(train, val, sampler, generator, list(splits["val"]), len(splits["train"]))
+    if splits.get("holdout"):
+        loaders.holdout = torch.utils.data.DataLoader(
+            data.ImageDataset(root, splits["holdout"], data.eval_transform()), batch_size=big, shuffle=False,
+            **common)
+        loaders.holdout_labels = np.array([i.label for i in splits["holdout"]])
+    return loaders
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -491,6 +544,8 @@ def _settings(cfg: FinetuneConfig, seed: int, weights: backbone.Weights, dataset
         "trainable_from": cfg.trainable_from if cfg.mode == "partial" else None,
         "bn": cfg.bn,
         "seed": seed,
+        "select": cfg.select,
+        "train_per_class": cfg.train_per_class,
         "weights_sha256": weights.sha256,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
         "weight_decay": cfg.weight_decay, "step_size": cfg.step_size, "gamma": cfg.gamma,
@@ -550,10 +605,11 @@ def _existing(directory: str, key: str, epochs: int) -> Tuple[Optional[dict], Op
         done = RunRecord.from_json(read_json(os.path.join(directory, "metrics.json")))
     except (OSError, ValueError):  # missing, damaged or another schema: evaluated and written again
         done = None
-    if ckpt["best_epoch"] and _load_pt(os.path.join(directory, "best.pt")) is None:
-        raise UserError(f"checkpoint {os.path.join(directory, 'best.pt')!r} is missing or not this "
+    complete = bool(done and done.complete and done.key == key and done.epochs == epochs and ckpt["epoch"] == epochs)
+    if (ckpt["selected_epoch"] or complete) and _load_pt(os.path.join(directory, "model.pt")) is None:
+        raise UserError(f"checkpoint {os.path.join(directory, 'model.pt')!r} is missing or not this "
                         "project's; restore it, or rerun with --rebuild to train this run again from the start")
-    if done and done.complete and done.key == key and done.epochs == epochs and ckpt["epoch"] == epochs:
+    if complete:
         _repair_history(directory, ckpt)
         return done, ckpt
     path = os.path.join(directory, "metrics.json")
@@ -577,8 +633,9 @@ def _repair_history(directory: str, ckpt: dict) -> None:
 
 def _run_one(cfg: FinetuneConfig, seed: int, dataset: data.DataSet, splits: Dict[str, List[data.Item]],
              skipped: List[dict], device: torch.device, precision: str, threads: int) -> RunResult:
-    name = run_name(cfg.mode, seed)
-    directory = run_dir(cfg.cache, cfg.mode, seed)
+    name = run_name(cfg.mode, seed, cfg.select, cfg.train_per_class)
+    directory = run_dir(cfg.cache, cfg.mode, seed, cfg.select, cfg.train_per_class)
+    splits = _plan(cfg, seed, splits, dataset.classes)
     os.makedirs(directory, exist_ok=True)
     weights = _initial_weights(cfg, seed)
     settings = _settings(cfg, seed, weights, dataset, splits, device, precision)
@@ -612,14 +669,15 @@ def _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     loaders = _loaders(cfg, dataset.root, splits, seed, device, net)
     history: List[dict] = []
-    best_acc, best_epoch, start = -1.0, 0, 0
+    selected_score, selected_epoch, start = -1.0, 0, 0  # --select holdout:F only
     if ckpt is not None:
         net.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        history, best_acc, best_epoch, start = ckpt["history"], ckpt["best_acc"], ckpt["best_epoch"], ckpt["epoch"]
+        history, start = ckpt["history"], ckpt["epoch"]
+        selected_score, selected_epoch = ckpt["selected_score"], ckpt["selected_epoch"]
         _restore_rng(ckpt["rng"], loaders, device)
         _say(f"{name}: resuming after epoch {start} of {cfg.epochs} from {directory}/last.pt", cfg.progress)
     net.finalize(cfg.channels_last)
@@ -631,18 +689,23 @@ def _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, 
     y_val = np.array([item.label for item in loaders.val_items])
     for epoch in range(start, cfg.epochs):
         history.append(_epoch(step, loaders, scheduler, epoch, cfg, name, y_val, device))
-        if history[-1]["val_acc"] > best_acc:
-            best_acc, best_epoch = history[-1]["val_acc"], epoch + 1
-            _save_pt(dict(meta, model=_cpu_state(net.model), epoch=best_epoch, val_acc=best_acc),
-                     os.path.join(directory, "best.pt"))
+        # Selection looks at the held-out train images only; val_acc is never read here.
+        if loaders.holdout is not None and history[-1]["holdout_acc"] > selected_score:
+            selected_score, selected_epoch = history[-1]["holdout_acc"], epoch + 1
+            _save_pt(dict(meta, model=_cpu_state(net.model), epoch=selected_epoch, selected_on="holdout"),
+                     os.path.join(directory, "model.pt"))
         _save_json({"epochs": history}, os.path.join(directory, "history.json"))
         _save_pt(dict(meta, model=_cpu_state(net.model), optimizer=optimizer.state_dict(),
                       scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                      epoch=epoch + 1, best_acc=best_acc, best_epoch=best_epoch, history=history,
-                      rng=_rng_state(loaders, device)),
+                      epoch=epoch + 1, selected_score=selected_score, selected_epoch=selected_epoch,
+                      history=history, rng=_rng_state(loaders, device)),
                  os.path.join(directory, "last.pt"))
-    result = _finish(step, loaders, dataset, directory, meta, settings, history, best_epoch, skipped,
-                     weights, device, precision, net, cfg, seed)
+    if loaders.holdout is None:  # the fixed schedule's result: the final epoch's model
+        selected_epoch = len(history)
+        _save_pt(dict(meta, model=_cpu_state(net.model), epoch=selected_epoch, selected_on="final"),
+                 os.path.join(directory, "model.pt"))
+    result = _finish(step, loaders, dataset, directory, meta, settings, history, selected_epoch, skipped,
+                     weights, device, precision, net, cfg, seed, splits)
     return RunResult(name, directory, result, resumed_from=start)
 
 
@@ -661,19 +724,38 @@ def _epoch(step: _Step, loaders: _Loaders, scheduler, epoch: int, cfg: FinetuneC
     train_seconds = time.perf_counter() - started
     val_loss, pred, _ = _evaluate(step, loaders.val)
     val_acc = float((pred == y_val).mean())
+    record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+              "val_acc": val_acc, "lr": lr}
+    held = ""
+    if loaders.holdout is not None:
+        hold_loss, hold_pred, _ = _evaluate(step, loaders.holdout)
+        record.update(holdout_loss=hold_loss, holdout_acc=float((hold_pred == loaders.holdout_labels).mean()))
+        held = f"  holdout acc {record['holdout_acc']:.4f}"
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - started
     _say(f"{name} epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-         f"val loss {val_loss:.4f} acc {val_acc:.4f}  lr {lr:.2g}  {seconds:.1f} s", cfg.progress)
-    return {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-            "val_acc": val_acc, "lr": lr, "seconds": seconds, "train_seconds": train_seconds}
+         f"val loss {val_loss:.4f} acc {val_acc:.4f}{held}  lr {lr:.2g}  {seconds:.1f} s", cfg.progress)
+    return dict(record, seconds=seconds, train_seconds=train_seconds)
 
 
-def _finish(step, loaders, dataset, directory, meta, settings, history, best_epoch, skipped, weights,
-            device, precision, net, cfg, seed) -> RunRecord:
-    """Evaluate the best model on val and write metrics.json (last: it marks the run complete)."""
-    best_path = os.path.join(directory, "best.pt")
+def _selection(cfg: FinetuneConfig, selected_epoch: int, history: List[dict], splits: dict) -> dict:
+    """How the reported model was chosen (recorded in metrics.json): never on val."""
+    rule, fraction = parse_select(cfg.select)
+    out = {"rule": rule, "selected_epoch": selected_epoch, "scored_on": "val"}
+    if rule == "final":
+        out["selected_on"] = "nothing: the final epoch of the fixed schedule"
+    else:
+        out.update(selected_on="held-out train images", fraction=fraction, holdout_n=len(splits["holdout"]),
+                   holdout=[i.relpath for i in splits["holdout"]],
+                   holdout_acc=history[selected_epoch - 1]["holdout_acc"])
+    return out
+
+
+def _finish(step, loaders, dataset, directory, meta, settings, history, selected_epoch, skipped, weights,
+            device, precision, net, cfg, seed, splits) -> RunRecord:
+    """Score the reported model (model.pt) once on val; write metrics.json (last: it marks the run complete)."""
+    best_path = os.path.join(directory, "model.pt")
     net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     started = time.perf_counter()
     _, pred, proba = _evaluate(step, loaders.val)
@@ -683,12 +765,19 @@ def _finish(step, loaders, dataset, directory, meta, settings, history, best_epo
                               paths=[i.relpath for i in items], proba=proba)
     trainable, total = net.parameters()
     train_seconds = sum(h.get("train_seconds", h["seconds"]) for h in history)
+    # The tutorial's number, for reference only: the first epoch with the highest val accuracy.
+    best_val = 1 + int(np.argmax([h["val_acc"] for h in history]))
     record = RunRecord(
         name=meta["name"],
         mode=cfg.mode,
         seed=seed,
         metrics=result,
-        best_epoch=best_epoch,
+        selection=_selection(cfg, selected_epoch, history, splits),
+        best_val_epoch=best_val,
+        best_val_acc=history[best_val - 1]["val_acc"],
+        train_per_class=cfg.train_per_class,
+        train_images=len(splits["train"]) + len(splits.get("holdout", [])),
+        train_subset=[i.relpath for i in splits["train"]] if cfg.train_per_class else None,
         epochs=len(history),
         total_seconds=float(sum(h["seconds"] for h in history)),
         epoch_seconds=[h["seconds"] for h in history],

@@ -41,7 +41,9 @@ __all__ = [
 ]
 
 #: Version of every record schema in this module. 1: the untyped dicts written before it.
-SCHEMA_VERSION = 2
+#: 3: a run's metrics are those of its final epoch (or one chosen on held-out train images),
+#: no longer of the epoch with the best val accuracy.
+SCHEMA_VERSION = 3
 
 WEIGHT_KINDS = ("imagenet", "random", "file")
 METRIC_KEYS = ("n", "correct", "accuracy", "accuracy_ci95", "balanced_accuracy", "confusion_matrix", "predictions")
@@ -310,19 +312,35 @@ class HeadRecord(_Record):
 
 @dataclass(frozen=True)
 class RunRecord(_Record):
-    """``cache/runs/<mode>[-seed]/metrics.json``: one finished end-to-end run.
+    """``cache/runs/<run name>/metrics.json``: one finished end-to-end run.
 
     Written last: a run folder without it is unfinished. ``metrics`` are on val, of the
-    model described by ``size_bytes`` (see README for which epoch that is); ``config`` is the
-    resolved configuration (batch size, threads, workers…); ``key`` the digest of
-    ``settings``, the inputs that make a run "the same run".
+    model saved as ``model.pt`` (``size_bytes``); ``config`` is the resolved configuration
+    (batch size, threads, workers…); ``key`` the digest of ``settings``, the inputs that make
+    a run "the same run".
+
+    Attributes
+    ----------
+    selection : dict
+        How that model was chosen, never on val: ``rule`` (``final``: the fixed schedule's last
+        epoch; ``holdout``: the best epoch on held-out train images, with ``fraction``,
+        ``holdout_n``, ``holdout`` (their paths) and ``holdout_acc``), ``selected_epoch``,
+        ``selected_on``, ``scored_on`` (``val``).
+    best_val_epoch, best_val_acc : int, float
+        The tutorial's number: the epoch with the best val accuracy. Chosen on val, hence
+        optimistic; shown apart and labelled, never the result.
+    train_per_class : int
+        ``K`` of ``--train-per-class`` (0: every train image); ``train_subset`` lists the
+        images then used (without the held-out ones), ``train_images`` counts them with them.
     """
 
     name: str
     mode: str
     seed: int
     metrics: Dict[str, Any]
-    best_epoch: int
+    selection: Dict[str, Any]
+    best_val_epoch: int
+    best_val_acc: float
     epochs: int
     total_seconds: float
     epoch_seconds: List[float]
@@ -342,6 +360,10 @@ class RunRecord(_Record):
     settings: Dict[str, Any]
     created: str
     skipped: List[Dict[str, Any]] = field(default_factory=list)
+    train_per_class: int = 0
+    train_images: int = 0
+    train_subset: Optional[List[str]] = None
+    best_val_note: str = "best epoch on val: chosen on val, optimistic"
     complete: bool = True
     checkpoint: str = "best.pt"  # the file in the run folder holding the model ``metrics`` describe
     kind: str = "run"

@@ -14,7 +14,7 @@ from pipeline.errors import UserError
 from tests.conftest import make_dataset
 
 METRICS_KEYS = {
-    "kind", "name", "mode", "seed", "metrics", "best_epoch", "epochs", "total_seconds", "epoch_seconds",
+    "kind", "name", "mode", "seed", "metrics", "selection", "best_val_epoch", "best_val_acc", "epochs", "total_seconds", "epoch_seconds",
     "images_per_s", "predict_ms_per_image", "trainable_parameters", "total_parameters", "device",
     "precision", "weights_id", "weights_sha256", "pretrained", "classes", "data_root", "config",
     "versions", "size_bytes", "complete", "created",
@@ -61,7 +61,7 @@ def test_finetune_writes_the_schema_and_trains_every_layer(tiny_data, tmp_path):
     run = result.runs[0]
     assert run.path == str(tmp_path / "c" / "runs" / "finetune")
     assert sorted(f for f in os.listdir(run.path) if not f.startswith(".")) == [
-        "best.pt", "history.json", "last.pt", "metrics.json"]
+        "history.json", "last.pt", "metrics.json", "model.pt"]
 
     history = _json(run.path, "history.json")
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
@@ -70,26 +70,27 @@ def test_finetune_writes_the_schema_and_trains_every_layer(tiny_data, tmp_path):
     m = _json(run.path, "metrics.json")
     assert METRICS_KEYS <= set(m)
     assert (m["kind"], m["name"], m["mode"], m["seed"], m["complete"]) == ("run", "finetune", "finetune", 0, True)
-    assert m["epochs"] == 2 and len(m["epoch_seconds"]) == 2 and 1 <= m["best_epoch"] <= 2
+    assert m["epochs"] == 2 and len(m["epoch_seconds"]) == 2 and 1 <= m["best_val_epoch"] <= 2
     assert m["weights_id"] == "random-seed0" and m["pretrained"] is False  # labelled: not pretrained
     assert m["classes"] == ["ants", "bees"] and m["data_root"] == str(tiny_data.resolve())
     assert m["trainable_parameters"] == m["total_parameters"] > 11_000_000
-    assert m["size_bytes"] == os.path.getsize(os.path.join(run.path, "best.pt"))
+    assert m["size_bytes"] == os.path.getsize(os.path.join(run.path, "model.pt"))
     assert m["device"] == "cpu" and m["precision"] == "fp32" and m["images_per_s"] > 0
     assert m["config"]["mode"] == "finetune" and m["config"]["lr"] == 1e-3 and "torch" in m["versions"]
     acc = m["metrics"]
     assert acc["n"] == 8 and acc["predictions"]["paths"][0] == "val/ants/img_000.jpg"
-    best_val = max(e["val_acc"] for e in history["epochs"])
-    assert acc["accuracy"] == best_val == history["epochs"][m["best_epoch"] - 1]["val_acc"]
+    assert acc["accuracy"] == history["epochs"][-1]["val_acc"]  # the final epoch: nothing chosen on val
+    assert m["selection"] == {"rule": "final", "selected_epoch": 2, "scored_on": "val",
+                              "selected_on": "nothing: the final epoch of the fixed schedule"}
     low, high = acc["accuracy_ci95"]
     assert low <= acc["accuracy"] <= high and len(acc["confusion_matrix"]) == 2
     assert "not pretrained" in result.summary()
 
-    # Every parameter moved; best.pt is a state_dict file that --weights PATH accepts.
+    # Every parameter moved; model.pt is a state_dict file that --weights PATH accepts.
     initial = backbone.resolve_weights("random", 0).state_dict
     last = _model(run.path)
     assert all(not torch.equal(last[k], initial[k]) for k in initial if k.endswith(".weight") and "fc" not in k)
-    weights = backbone.resolve_weights(os.path.join(run.path, "best.pt"))
+    weights = backbone.resolve_weights(os.path.join(run.path, "model.pt"))
     assert weights.pretrained and weights.state_dict["fc.weight"].shape == (2, 512)
 
 
@@ -153,7 +154,7 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_data, tmp_path, 
         assert all(torch.equal(got[k], expected[k]) for k in expected)
         _same_trajectory(_json(other.path, "history.json"), _json(straight.path, "history.json"))
         assert other.metrics["metrics"]["predictions"] == straight.metrics["metrics"]["predictions"]
-        assert other.metrics["best_epoch"] == straight.metrics["best_epoch"]
+        assert other.metrics["best_val_epoch"] == straight.metrics["best_val_epoch"]
 
 
 def test_complete_run_is_reused_and_changed_settings_start_over(tiny_data, tmp_path):
@@ -225,6 +226,10 @@ def test_cli_seeds_mean_std_and_undecodable_images(tmp_path, capsys):
     (["--bn", "drift"], "--bn 'drift'"),
     (["--epochs", "0"], "--epochs 0 must be >= 1"),
     (["--seeds", "0,x"], "comma-separated"),
+    (["--select", "best-val"], "Only final or holdout:F"),
+    (["--select", "holdout:1.5"], "Only final or holdout:F"),
+    (["--select", "holdout:0.05"], "cannot keep every one of 2 classes"),
+    (["--train-per-class", "7"], "exceeds the 6 train images"),
     (["--weights", "no/such/file.pt"], "no such file"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(tiny_data, tmp_path, capsys, args, message):
@@ -241,7 +246,7 @@ def test_help_lists_every_hyper_parameter(capsys):
     out = capsys.readouterr().out
     for option in ("--mode", "--trainable-from", "--bn", "--epochs", "--batch-size", "--lr", "--momentum",
                    "--weight-decay", "--step-size", "--gamma", "--seed", "--seeds", "--weights", "--device",
-                   "--precision", "--rebuild"):
+                   "--precision", "--rebuild", "--select", "--train-per-class"):
         assert option in out
 
 
@@ -262,3 +267,35 @@ def test_a_busy_load_average_does_not_change_the_thread_count(tmp_path, monkeypa
     run = finetune.run(_cfg(data, tmp_path / "c", mode="fixed", epochs=1)).runs[0]
     assert run.metrics["config"]["threads"] == 2 and "(2 threads)" in run.summary()
     assert torch.get_num_threads() == 2
+
+
+# --------------------------------------------------------------------------- nothing chosen on val
+
+
+def test_final_epoch_is_the_result_when_the_best_val_epoch_beats_it(tiny_data, tmp_path):
+    """On this tiny data set a from-random finetune run peaks on val at epoch 1 (1.0) and ends
+    at 0.5: the tutorial would report 1.0. metrics.json, the summary and model.pt give the final
+    epoch; the best-val epoch is only recorded, labelled."""
+    run = finetune.run(_cfg(tiny_data, tmp_path / "c", epochs=4)).runs[0]
+    val = [e["val_acc"] for e in _json(run.path, "history.json")["epochs"]]
+    assert max(val) > val[-1], f"precondition: the best val epoch must beat the final one, got {val}"
+    m = run.metrics
+    assert m["metrics"]["accuracy"] == val[-1] and m["selection"]["selected_epoch"] == 4
+    assert (m["best_val_epoch"], m["best_val_acc"]) == (val.index(max(val)) + 1, max(val))
+    assert m["best_val_note"] == "best epoch on val: chosen on val, optimistic"
+    assert f"val acc        {val[-1]:.4f}" in run.summary() and "chosen on val, optimistic" in run.summary()
+    final, reported = _model(run.path, "last.pt"), _model(run.path, "model.pt")
+    assert all(torch.equal(final[k], reported[k]) for k in final)  # the reusable file is the reported model
+    assert not os.path.exists(os.path.join(run.path, "best.pt"))
+
+
+def test_train_per_class_trains_on_a_seeded_stratified_subset(tiny_data, tmp_path):
+    run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode="fixed", epochs=1, train_per_class=2, seed=1)).runs[0]
+    m = run.metrics
+    assert run.path.endswith("fixed-k2-1") and m["train_per_class"] == 2 and m["train_images"] == 4
+    subset = m["train_subset"]
+    assert [p.split("/")[1] for p in subset] == ["ants", "ants", "bees", "bees"]
+    again = finetune.run(_cfg(tiny_data, tmp_path / "d", mode="fixed", epochs=1, train_per_class=2, seed=1))
+    assert again.runs[0].metrics["train_subset"] == subset
+    other = finetune.run(_cfg(tiny_data, tmp_path / "d", mode="fixed", epochs=1, train_per_class=2, seed=2))
+    assert other.runs[0].metrics["train_subset"] != subset

@@ -307,9 +307,8 @@ def _finetune_ok(capsys, copy) -> dict:
 CHECKPOINT_CORRUPTIONS = {
     "last.pt truncated": ("last.pt", lambda p: _truncate(p, 0.5), True),
     "last.pt garbage": ("last.pt", _garbage, True),
-    "best.pt truncated, run complete": ("best.pt", lambda p: _truncate(p, 0.5), True),
-    "best.pt truncated, run unfinished": ("best.pt", lambda p: _truncate(p, 0.5), False),
-    "best.pt deleted": ("best.pt", os.remove, True),
+    "model.pt truncated, run complete": ("model.pt", lambda p: _truncate(p, 0.5), True),
+    "model.pt deleted": ("model.pt", os.remove, True),
 }
 
 
@@ -340,11 +339,22 @@ def test_damaged_run_json_is_rewritten_from_the_checkpoints(name, copy, capsys, 
         assert _json(copy["run"] / "history.json") == _json(copy["pristine"]["run"] / "history.json")
 
 
+def test_damaged_model_of_an_unfinished_run_is_rewritten_from_last_pt(copy, capsys, fast_weights):
+    """Final-epoch selection: model.pt is the final epoch's weights, which last.pt also holds."""
+    with faults.case("corruptions", "run: model.pt truncated, run unfinished"):
+        os.remove(copy["run"] / "metrics.json")
+        _truncate(copy["run"] / "model.pt", 0.5)
+        metrics = _finetune_ok(capsys, copy)
+        assert metrics["metrics"] == _json(copy["pristine"]["run"] / "metrics.json")["metrics"]
+        got, want = _load(copy["run"] / "model.pt")["model"], _load(copy["pristine"]["run"] / "model.pt")["model"]
+        assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_damaged_weights_file_is_a_user_error(copy, capsys, fast_weights):
-    with faults.case("corruptions", "--weights best.pt truncated"):
-        _truncate(copy["run"] / "best.pt", 0.5)
-        _one_line_exit_2(capsys, _features_cli(copy["data"], copy["cache"], "--weights", str(copy["run"] / "best.pt")),
-                         "best.pt", "not a readable")
+    with faults.case("corruptions", "--weights model.pt truncated"):
+        _truncate(copy["run"] / "model.pt", 0.5)
+        _one_line_exit_2(capsys, _features_cli(copy["data"], copy["cache"], "--weights", str(copy["run"] / "model.pt")),
+                         "model.pt", "not a readable")
 
 
 def _flip(path) -> None:
@@ -799,10 +809,10 @@ FINETUNE_KILLS = [
     KillPoint("start-up: network built", "pipeline.finetune:_build", when="after"),
     KillPoint("mid-epoch 1: after the 1st optimiser step", "torch.optim.sgd:SGD.step", when="after"),
     KillPoint("mid-epoch 2: after the 3rd optimiser step", "torch.optim.sgd:SGD.step", call=3, when="after"),
-    KillPoint("epoch save: best.pt written, not yet renamed", "os:replace", match="best.pt')"),
     KillPoint("epoch save: history.json written, not yet renamed", "os:replace", match="history.json')"),
     KillPoint("epoch save: last.pt of epoch 2 written, not yet renamed", "os:replace", call=2, match="last.pt')"),
-    KillPoint("final save: evaluating the best model", "pipeline.finetune:_finish"),
+    KillPoint("final save: model.pt written, not yet renamed", "os:replace", match="model.pt')"),
+    KillPoint("final save: evaluating the reported model", "pipeline.finetune:_finish"),
     KillPoint("final save: metrics.json written, not yet renamed", "os:replace", match="metrics.json')"),
 ]
 
@@ -837,11 +847,11 @@ def test_finetune_killed_anywhere_resumes_bit_identical(point, kill_data, finetu
         faults.run_killed(_finetune_argv(kill_data, cache), point, SMALL)
         run_dir = cache / "runs" / "finetune"
         assert not (run_dir / "metrics.json").exists()  # an unfinished run never looks finished
-        for name in ("best.pt", "last.pt"):
+        for name in ("model.pt", "last.pt"):
             if (run_dir / name).exists():
                 assert _load(run_dir / name)["format"] == finetune.RUN_FORMAT  # whole, never torn
         run = finetune.run(_finetune_cfg(kill_data, cache)).runs[0]
-        for name in ("last.pt", "best.pt"):
+        for name in ("last.pt", "model.pt"):
             got, want = _load(run_dir / name)["model"], _load(finetune_reference / name)["model"]
             assert all(torch.equal(got[k], want[k]) for k in want), name
         assert _json(run_dir / "history.json")["epochs"] == [
@@ -850,9 +860,9 @@ def test_finetune_killed_anywhere_resumes_bit_identical(point, kill_data, finetu
                             _json(run_dir / "history.json")["epochs"])]
         want = _json(finetune_reference / "metrics.json")
         assert run.metrics["metrics"]["predictions"] == want["metrics"]["predictions"]
-        assert run.metrics["best_epoch"] == want["best_epoch"] and run.metrics["complete"]
+        assert run.metrics["selection"] == want["selection"] and run.metrics["complete"]
         assert sorted(p for p in os.listdir(run_dir) if not p.startswith(".")) == [
-            "best.pt", "history.json", "last.pt", "metrics.json"]
+            "history.json", "last.pt", "metrics.json", "model.pt"]
 
 
 # =============================================================================== concurrency
