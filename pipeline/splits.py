@@ -6,7 +6,7 @@ look at val, and the same (labels, k or fraction, seed) always gives the same in
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 from sklearn.model_selection import train_test_split
@@ -14,20 +14,22 @@ from sklearn.model_selection import train_test_split
 __all__ = ["per_class_subset", "holdout_split"]
 
 
-def per_class_subset(labels: Sequence[int], k: int, seed: int) -> np.ndarray:
+def per_class_subset(labels: Sequence[int], k: int, seed: Union[int, Sequence[int]]) -> np.ndarray:
     """Sorted indices of ``k`` images drawn at random (without replacement) from each class.
 
     A class with fewer than ``k`` images contributes all of them. The draw for class ``c``
     depends only on ``(seed, c)`` and that class's positions, so subsets of one seed are
     nested as ``k`` grows (k=2 contains k=1), which keeps a curve's points comparable.
+    ``seed`` is an int or a tuple of ints (e.g. ``(run seed, subset number)``).
     """
+    key = [int(s) for s in (seed if isinstance(seed, (tuple, list)) else (seed,))]
     labels = np.asarray(labels)
     if k < 1:
         raise ValueError(f"k {k!r} must be >= 1 images per class")
     chosen = []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
-        order = np.random.default_rng([int(seed), int(c)]).permutation(len(members))
+        order = np.random.default_rng([*key, int(c)]).permutation(len(members))
         chosen.append(members[order[:k]])
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
