@@ -94,7 +94,10 @@ def write_head(cache: Path, name: str, items, wrong=(), *, data_root: str, class
 
 
 def write_run(cache: Path, mode: str, seed: int, items, wrong=(), *, data_root: str, weights_id="imagenet",
-              pretrained=True, total_seconds=600.0, complete=True, history=True, name=None) -> Path:
+              pretrained=True, total_seconds=600.0, complete=True, history=True, name=None,
+              best_val=(4, 0.9), train_per_class=0) -> Path:
+    """A run whose final epoch (the result) gets the images at ``wrong`` wrong; its history peaks
+    on val at epoch ``best_val[0]`` with ``best_val[1]`` (the labelled, optimistic number)."""
     assert pretrained == (not weights_id.startswith("random"))
     y_true = [y for _, y in items]
     y_pred = _predict(y_true, wrong)
@@ -105,15 +108,19 @@ def write_run(cache: Path, mode: str, seed: int, items, wrong=(), *, data_root: 
     epochs = 5
     record = RunRecord(
         name=name, mode=mode, seed=seed, metrics=evaluate(y_true, y_pred, CLASSES, [p for p, _ in items], proba),
-        best_epoch=4, epochs=epochs, total_seconds=total_seconds, epoch_seconds=[total_seconds / epochs] * epochs,
+        selection={"rule": "final", "selected_epoch": epochs, "selected_on": "nothing", "scored_on": "val"},
+        best_val_epoch=best_val[0], best_val_acc=best_val[1], train_per_class=train_per_class,
+        epochs=epochs, total_seconds=total_seconds, epoch_seconds=[total_seconds / epochs] * epochs,
         images_per_s=20.0, predict_ms_per_image=12.0, trainable_parameters=11_689_512,
         total_parameters=11_689_512, device="cpu", precision="fp32", weights=_weights(weights_id),
         classes=CLASSES, data_root=data_root, config={"mode": mode, "seed": seed}, versions={},
         size_bytes=45_000_000, key="k" * 64, settings={}, complete=complete, created="2024-01-01T00:00:00")
     (folder / "metrics.json").write_text(record.dumps())
     if history:
+        final = record.metrics["accuracy"]
         hist = [{"epoch": e, "train_loss": 1 / e, "train_acc": 1 - 0.4 / e, "val_loss": 1.2 / e,
-                 "val_acc": 1 - 0.5 / e, "lr": 1e-3, "seconds": 1.0} for e in range(1, epochs + 1)]
+                 "val_acc": best_val[1] if e == best_val[0] else final, "lr": 1e-3, "seconds": 1.0}
+                for e in range(1, epochs + 1)]
         (folder / "history.json").write_text(json.dumps({"epochs": hist}))
     return folder / "metrics.json"
 

@@ -60,7 +60,7 @@ def test_another_schema_version_names_the_fix_everywhere(tmp_path, tiny_data, ca
     old = json.loads(sidecar.read_text())
     del old["schema_version"]  # what every file written before records.py looks like
     sidecar.write_text(json.dumps(old))
-    with pytest.raises(SchemaError, match="version 1.*version 2.*heads --rebuild"):
+    with pytest.raises(SchemaError, match=f"version 1.*version {records.SCHEMA_VERSION}.*heads --rebuild"):
         HeadRecord.from_json(old)
     with pytest.raises(heads.UserError, match=r"schema version 1.*python -m pipeline heads --rebuild"):
         heads.load_head(str(sidecar))
