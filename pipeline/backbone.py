@@ -104,7 +104,7 @@ def _file_state_dict(path: str) -> Dict[str, torch.Tensor]:
             f"--weights {path!r} is not a readable PyTorch state_dict ({type(exc).__name__}); "
             f"use {WEIGHT_CHOICES}"
         ) from None
-    # Accept a bare state_dict or a checkpoint that wraps one (this project's best.pt).
+    # Accept a bare state_dict or a checkpoint that wraps one (this project's model.pt).
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
