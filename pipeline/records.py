@@ -365,7 +365,7 @@ class RunRecord(_Record):
     train_subset: Optional[List[str]] = None
     best_val_note: str = "best epoch on val: chosen on val, optimistic"
     complete: bool = True
-    checkpoint: str = "best.pt"  # the file in the run folder holding the model ``metrics`` describe
+    checkpoint: str = "model.pt"  # the file in the run folder holding the model ``metrics`` describe
     kind: str = "run"
     schema: str = "pipeline.run"
     schema_version: int = SCHEMA_VERSION
