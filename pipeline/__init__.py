@@ -3,7 +3,7 @@
 ``pipeline.load_head`` and ``pipeline.ResNet18Features`` are imported on first use, so
 ``import pipeline`` stays cheap (no torch, no scikit-learn).
 """
-__version__ = "0.1.0"
+from .versions import __version__
 
 __all__ = ["__version__", "load_head", "ResNet18Features"]
 

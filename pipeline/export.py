@@ -33,11 +33,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, backbone, data, files, images, store
+from . import backbone, data, files, images, store
 from .config import ONNX_OPSET, PREPROCESS, ExportConfig
 from .errors import UserError
 from .onnx_client import FORMAT, OnnxClassifier
 from .records import RunRecord, read_json
+from .versions import TORCH_STACK, library_versions
 
 __all__ = ["Folded", "fold_head", "exportable_heads", "ExportResult", "run", "export_dir", "FORMAT"]
 
@@ -463,18 +464,7 @@ def _sidecar(path: str) -> str:
 
 
 def _versions() -> Dict[str, str]:
-    import onnx
-    import onnxruntime
-
-    versions = dict(store.library_versions())
-    versions.update({"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__, "pipeline": __version__})
-    try:
-        import onnxscript
-
-        versions["onnxscript"] = onnxscript.__version__
-    except ImportError:
-        pass
-    return versions
+    return library_versions(*TORCH_STACK, "onnx", "onnxruntime", "pipeline", "onnxscript")  # onnxscript: optional
 
 
 def _validate(cfg: ExportConfig) -> None:

@@ -47,6 +47,7 @@ from .config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_sel
 from .errors import UserError
 from .records import RunRecord, read_json
 from .features import default_batch_size, default_workers
+from .versions import TORCH_STACK, library_versions
 
 __all__ = [
     "MODES",
@@ -791,7 +792,7 @@ def _finish(step, loaders, dataset, directory, meta, settings, history, selected
         classes=dataset.classes,
         data_root=dataset.root,
         config=meta["config"],
-        versions=store.library_versions(),
+        versions=library_versions(*TORCH_STACK),
         size_bytes=os.path.getsize(best_path),
         checkpoint=os.path.basename(best_path),
         skipped=skipped,

@@ -17,7 +17,6 @@ import io
 import logging
 import math
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from .config import HEAD_FORMATS, HeadsConfig
 from .errors import UserError
 from .records import FeaturesRef, HeadRecord, RecordError, SchemaError, WeightsRef, read_json
 from .heads_cv import TrainData, cross_validate, l2svm_path, logistic_path, make_folds, ridge_path, splitter
+from .versions import library_versions
 
 __all__ = ["HeadSpec", "REGISTRY", "HeadRow", "HeadsResult", "Head", "run", "load_head",
            "heads_dir", "parse_head_names", "features_path"]
@@ -346,21 +346,8 @@ def heads_dir(cache: str) -> str:
 
 
 def _versions(fmt: str) -> Dict[str, str]:
-    import h5py
-    import joblib
-    import scipy
-    import sklearn
-
-    from . import __version__
-
-    out = {"python": platform.python_version(), "sklearn": sklearn.__version__, "numpy": np.__version__,
-           "scipy": scipy.__version__, "joblib": joblib.__version__, "h5py": h5py.__version__,
-           "pipeline": __version__}
-    if fmt == "skops":
-        import skops
-
-        out["skops"] = skops.__version__
-    return out
+    names = ("python", "sklearn", "numpy", "scipy", "joblib", "h5py", "pipeline")
+    return library_versions(*names, *(("skops",) if fmt == "skops" else ()))
 
 
 def _serialize(model: Pipeline, fmt: str) -> bytes:

@@ -49,6 +49,7 @@ import numpy as np
 
 from . import files
 from .errors import DamagedCacheError, UserError
+from .versions import TORCH_STACK, library_versions
 
 __all__ = [
     "FORMAT",
@@ -79,7 +80,6 @@ __all__ = [
     "remove_cache",
     "describe",
     "verify",
-    "library_versions",
 ]
 
 FORMAT = "pipeline.features"
@@ -114,17 +114,6 @@ class SplitRows:
     rows: List[Row]
     labels: List[int]
     skipped: List[Row] = field(default_factory=list)
-
-
-def library_versions() -> Dict[str, str]:
-    import sklearn
-    import torch
-    import torchvision
-
-    return {
-        "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "numpy": np.__version__, "h5py": h5py.__version__, "sklearn": sklearn.__version__,
-    }
 
 
 def settings_key(settings: dict) -> str:
@@ -199,7 +188,7 @@ def _write_file(f: h5py.File, fmt: str, settings: dict, meta: dict, classes: Lis
     for name, value in meta.items():
         f.attrs[name] = value if isinstance(value, (str, int, float, bool)) else json.dumps(value)
     f.attrs["classes"] = json.dumps(classes)
-    f.attrs["versions"] = json.dumps(library_versions())
+    f.attrs["versions"] = json.dumps(library_versions(*TORCH_STACK))
     f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     f.attrs["settings"] = json.dumps(settings, sort_keys=True)
     f.attrs["settings_key"] = settings_key(settings)

@@ -53,7 +53,7 @@ def write_feature_cache(path, *, n_train=30, n_val=20, n_classes=2, dim=512, sep
             "pretrained": False, "weights": WeightsRef("random", weights_sha256, seed=0).to_json(), "precision": "fp32", "extract_seconds": 2.5, "extract_device": "cpu",
             "data_root": "/data/synthetic", "transform": {"eval": "synthetic", "draft_jpeg_min_side": 256}}
     # store.library_versions imports torch (seconds); synthetic caches do not need it.
-    with mock.patch.object(store, "library_versions", lambda: {"numpy": np.__version__}):
+    with mock.patch.object(store, "library_versions", lambda *names: {"numpy": np.__version__}):
         store.write_cache(str(path), {"synthetic": seed, "views": views}, meta, classes, splits)
     return str(path)
 

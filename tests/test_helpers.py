@@ -1,4 +1,5 @@
-"""The one atomic writer and its clean-up: a file under its final name is always complete."""
+"""Shared helpers: the one atomic writer and its clean-up (a file under its final name is always
+complete), and the one collector of library versions."""
 from __future__ import annotations
 
 import h5py
@@ -42,3 +43,12 @@ def test_remove_temporaries_of_one_file_or_of_a_whole_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "a.h5.lock", "b.h5.tmp-5678abcd"]
     files.remove_temporaries(str(tmp_path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.h5", "a.h5.lock"]
+
+
+def test_library_versions_in_the_order_asked_optional_ones_left_out():
+    from pipeline import __version__
+    from pipeline.versions import library_versions
+
+    versions = library_versions("numpy", "python", "pipeline", "no_such_module_xyz")
+    assert list(versions) == ["numpy", "python", "pipeline"]
+    assert versions["numpy"] == np.__version__ and versions["pipeline"] == __version__
