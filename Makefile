@@ -1,6 +1,6 @@
 # Thin layer over `python -m pipeline`: each target installs the project into .venv first if needed.
 .DEFAULT_GOAL := help
-.PHONY: help install features heads finetune compare predict test test-all bench clean
+.PHONY: help install features heads finetune compare predict export test test-all bench clean
 
 PYTHON  ?= python3
 VENV    := .venv
@@ -15,13 +15,16 @@ EPOCHS  ?= 25
 MODES   ?= finetune scratch
 HEADS   ?=
 VIEWS   ?= 0
+HEAD    ?=
+RUN     ?=
+OUT     ?=
 
 DATA_OPT := $(if $(DATA_DIR),--data $(DATA_DIR))
 COMMON   := $(DATA_OPT) --cache $(CACHE_DIR) --weights $(WEIGHTS) --device $(DEVICE)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: DATA_DIR WEIGHTS=imagenet|random|PATH DEVICE=auto|cpu|cuda EPOCHS MODES HEADS VIEWS CACHE_DIR"
+	@echo "  variables: DATA_DIR WEIGHTS=imagenet|random|PATH DEVICE=auto|cpu|cuda EPOCHS MODES HEADS VIEWS CACHE_DIR HEAD RUN OUT"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +46,10 @@ finetune: $(STAMP)  ## end-to-end training runs (MODES="finetune scratch")
 
 compare: heads finetune  ## run what is missing, then write reports/compare.md
 	$(PY) -m pipeline compare --cache $(CACHE_DIR) $(DATA_OPT)
+
+export: $(STAMP)  ## one ONNX image classifier from HEAD=NAME or RUN=MODE[-SEED] -> cache/export/ (or OUT)
+	@$(if $(HEAD)$(RUN),,echo "set HEAD=NAME (a head, e.g. logistic) or RUN=MODE[-SEED] (e.g. finetune)" >&2; exit 2)
+	$(PY) -m pipeline export $(if $(HEAD),--head $(HEAD)) $(if $(RUN),--run $(RUN)) --cache $(CACHE_DIR) $(if $(OUT),--out $(OUT))
 
 test: $(STAMP)  ## the test suite (fast part, ~5 minutes on 2 cores)
 	$(PY) -m pytest -q
