@@ -99,9 +99,18 @@ def _add_features(sub) -> None:
 
 
 def _run_features(args) -> None:
+    from . import uptodate
+
+    cfg = _config(config.FeaturesConfig, args)
+    summary = uptodate.check(cfg)  # an unchanged rerun: answered without torch
+    if summary is not None:
+        print(summary)
+        return
+    before = uptodate.snapshot(cfg)
     from . import features
 
-    result = features.run(_config(config.FeaturesConfig, args))
+    result = features.run(cfg)
+    uptodate.record(cfg, result, before)
     if result.primary:  # under torchrun, rank 0 alone reports
         print(result.summary())
 
