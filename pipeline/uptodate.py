@@ -21,7 +21,8 @@ import os
 import socket
 from typing import Optional
 
-from . import __version__, config, files
+from . import config, files
+from .versions import __version__
 
 __all__ = ["stamp_file", "check", "snapshot", "record"]
 
