@@ -42,6 +42,7 @@ import numpy as np
 from .config import CompareConfig
 from .files import atomic_write
 from .errors import DamagedCacheError, UserError
+from .paths import heads_dir, report_files, runs_dir
 from .records import HeadRecord, RecordError, RunRecord, read_json
 
 __all__ = [
@@ -188,8 +189,8 @@ def load_results(cache: str) -> Tuple[List[Result], List[dict]]:
 
     Unparseable or incomplete files are skipped with a warning, never half-used.
     """
-    files = sorted(glob.glob(os.path.join(cache, "heads", "*.json")))
-    files += sorted(glob.glob(os.path.join(cache, "runs", "*", "metrics.json")))
+    files = sorted(glob.glob(os.path.join(heads_dir(cache), "*.json")))
+    files += sorted(glob.glob(os.path.join(runs_dir(cache), "*", "metrics.json")))
     results, skipped = [], []
     for path in files:
         try:
@@ -760,8 +761,8 @@ def run(cfg: CompareConfig) -> CompareResult:
     results, skipped = load_results(cfg.cache)
     if not results:
         raise UserError(
-            f"no head or run results under {os.path.join(cfg.cache, 'heads')!r} or "
-            f"{os.path.join(cfg.cache, 'runs')!r}; run `make heads` and `make finetune` first "
+            f"no head or run results under {heads_dir(cfg.cache)!r} or "
+            f"{runs_dir(cfg.cache)!r}; run `make heads` and `make finetune` first "
             "(or point --cache at the folder that holds them)")
     ref = _choose_reference(results, cfg.data)
     comparable, excluded = [], []
@@ -782,7 +783,7 @@ def run(cfg: CompareConfig) -> CompareResult:
     except OSError as exc:
         raise UserError(f"cannot create the reports folder {cfg.reports!r} ({exc.strerror}); "
                         "pass --reports DIR pointing at a writable folder") from None
-    res.outputs = {name: os.path.join(cfg.reports, f"compare.{name}") for name in ("md", "csv", "json")}
+    res.outputs = report_files(cfg.reports)
     res.figures = _figures(res, cfg.reports, cfg.data)
     _write_text(res.outputs["csv"], _csv_text(res))
     _write_text(res.outputs["json"], json.dumps(_json_doc(res), indent=2) + "\n")

@@ -38,6 +38,7 @@ from .config import ONNX_OPSET, PREPROCESS, ExportConfig
 from .errors import UserError
 from .onnx_client import FORMAT, OnnxClassifier
 from .records import RunRecord, read_json
+from .paths import export_dir, run_dir, runs_dir
 from .versions import TORCH_STACK, library_versions
 
 __all__ = ["Folded", "fold_head", "exportable_heads", "ExportResult", "run", "export_dir", "FORMAT"]
@@ -363,16 +364,12 @@ def _torch_features(net: nn.Module, paths: List[str], draft) -> np.ndarray:
         net.fc = fc
 
 
-def run_dir(cache: str, name: str) -> str:
-    return os.path.join(cache, "runs", name)
-
-
 def _run_source(cfg: ExportConfig) -> Source:
     name = cfg.run
     directory = run_dir(cfg.cache, name)
     metrics_path = os.path.join(directory, "metrics.json")
     if not os.path.isfile(metrics_path):
-        runs = os.path.join(cfg.cache, "runs")
+        runs = runs_dir(cfg.cache)
         done = sorted(d for d in os.listdir(runs) if os.path.isfile(os.path.join(runs, d, "metrics.json"))) \
             if os.path.isdir(runs) else []
         raise UserError(f"no finished run {name!r} under {runs!r}; "
@@ -444,10 +441,6 @@ class ExportResult:
                  + f", predicted classes agree on {v['classes_agree']}/{v['images']}",
                  f"  sidecar {self.sidecar}; classify with: python -m pipeline predict --model {self.path} IMAGES"]
         return "\n".join(lines)
-
-
-def export_dir(cache: str) -> str:
-    return os.path.join(cache, "export")
 
 
 def _target(cfg: ExportConfig, kind: str, name: str) -> str:

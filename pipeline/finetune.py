@@ -42,7 +42,7 @@ from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import backbone, data, files, metrics, splits as subsets, store
+from . import backbone, data, files, metrics, paths, splits as subsets, store
 from .config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_select
 from .errors import UserError
 from .records import RunRecord, read_json
@@ -159,7 +159,7 @@ def run_name(mode: str, seed: int, select: str = "final", train_per_class: int =
 
 
 def run_dir(cache: str, mode: str, seed: int, select: str = "final", train_per_class: int = 0) -> str:
-    return os.path.join(cache, "runs", run_name(mode, seed, select, train_per_class))
+    return paths.run_dir(cache, run_name(mode, seed, select, train_per_class))
 
 
 def run(cfg: FinetuneConfig) -> FinetuneResult:

@@ -37,6 +37,7 @@ from .config import HEAD_FORMATS, HeadsConfig
 from .errors import UserError
 from .records import FeaturesRef, HeadRecord, RecordError, SchemaError, WeightsRef, read_json
 from .heads_cv import TrainData, cross_validate, l2svm_path, logistic_path, make_folds, ridge_path, splitter
+from .paths import heads_dir
 from .versions import library_versions
 
 __all__ = ["HeadSpec", "REGISTRY", "HeadRow", "HeadsResult", "Head", "run", "load_head",
@@ -339,10 +340,6 @@ def _fit_out_of_core(spec: HeadSpec, path: str, meta: dict, cfg: HeadsConfig, n_
 
 
 # --------------------------------------------------------------------------- persistence
-
-
-def heads_dir(cache: str) -> str:
-    return os.path.join(cache, "heads")
 
 
 def _versions(fmt: str) -> Dict[str, str]:

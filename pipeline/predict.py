@@ -19,6 +19,7 @@ import numpy as np
 
 from .config import PRECISIONS, PREDICT_FORMATS, PredictConfig
 from .errors import UserError
+from .paths import heads_dir
 from .records import WeightsRef
 
 __all__ = ["PredictResult", "run", "resolve_head", "FORMATS"]
@@ -71,8 +72,6 @@ class PredictResult:
 
 def resolve_head(head: str, cache: str) -> str:
     """A head name (``logistic``) under ``<cache>/heads/``, or an explicit sidecar/model path."""
-    from .heads import heads_dir
-
     if not head:
         raise UserError(f"--head is required: a head name under {heads_dir(cache)!r} or a path; "
                         f"{_available(cache)}")
@@ -85,8 +84,6 @@ def resolve_head(head: str, cache: str) -> str:
 
 
 def _available(cache: str) -> str:
-    from .heads import heads_dir
-
     d = heads_dir(cache)
     names = sorted(f[:-5] for f in os.listdir(d) if f.endswith(".json")) if os.path.isdir(d) else []
     return f"available: {', '.join(names)}" if names else "none saved yet: run `make heads` first"

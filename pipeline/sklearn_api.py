@@ -25,6 +25,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
 from .config import FEATURE_DIM
+from . import paths
 from .files import file_digest
 
 __all__ = ["ResNet18Features", "clear_memory"]
@@ -315,7 +316,7 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         if not self.cache:
             return []
         if os.path.isdir(self.cache):
-            return sorted(glob.glob(os.path.join(self.cache, "features", "*.h5")) +
+            return sorted(glob.glob(os.path.join(paths.features_dir(self.cache), "*.h5")) +
                           glob.glob(os.path.join(self.cache, "*.h5")))
         if os.path.isfile(self.cache):
             return [self.cache]

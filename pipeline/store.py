@@ -49,6 +49,7 @@ import numpy as np
 
 from . import files
 from .errors import DamagedCacheError, UserError
+from .paths import cache_file, parts_dir, shard_file, shards_dir  # file names: paths.py (re-exported)
 from .versions import TORCH_STACK, library_versions
 
 __all__ = [
@@ -119,24 +120,6 @@ class SplitRows:
 def settings_key(settings: dict) -> str:
     """sha256 of the canonical JSON of everything that determines a feature value."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def cache_file(cache_dir: str, data_root: str, key: str) -> str:
-    name = os.path.basename(os.path.normpath(data_root)) or "data"
-    return os.path.join(cache_dir, "features", f"{name}-{key[:12]}.h5")
-
-
-def parts_dir(path: str) -> str:
-    return path + ".parts"
-
-
-def shards_dir(path: str) -> str:
-    return path + ".shards"
-
-
-def shard_file(path: str, rank: int, world_size: int, tag: str) -> str:
-    """Where rank ``rank`` of ``world_size`` writes its shard of the cache ``path``."""
-    return os.path.join(shards_dir(path), f"rank{rank}-of-{world_size}-{tag}.h5")
 
 
 def content_key(key: str, classes: List[str], splits: Dict[str, SplitRows]) -> str:

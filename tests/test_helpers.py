@@ -2,6 +2,8 @@
 complete), and the one collector of library versions."""
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -52,3 +54,14 @@ def test_library_versions_in_the_order_asked_optional_ones_left_out():
     versions = library_versions("numpy", "python", "pipeline", "no_such_module_xyz")
     assert list(versions) == ["numpy", "python", "pipeline"]
     assert versions["numpy"] == np.__version__ and versions["pipeline"] == __version__
+
+
+def test_the_cache_layout_is_written_in_one_place():
+    from pipeline import paths
+
+    path = paths.cache_file("c", "/data/hymenoptera_data/", "0123456789abcdef")
+    assert path == os.path.join("c", "features", "hymenoptera_data-0123456789ab.h5")
+    assert paths.shard_file(path, 1, 2, "t").startswith(path + ".shards" + os.sep)
+    assert paths.run_dir("c", "scratch-3") == os.path.join("c", "runs", "scratch-3")
+    assert paths.heads_dir("c") == os.path.join("c", "heads")
+    assert paths.report_files("r")["md"] == os.path.join("r", "compare.md")

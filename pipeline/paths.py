@@ -1,0 +1,79 @@
+"""Where every result lives: the one description of the cache folder's layout.
+
+::
+
+    <cache>/features/<data>-<key12>.h5          a feature cache (its inside: store.py)
+    <cache>/features/<data>-<key12>.h5.parts/   resume parts of an unfinished extraction
+    <cache>/features/<data>-<key12>.h5.shards/  rank<r>-of-<w>-<tag>.h5 of a distributed run
+    <cache>/heads/<name>.joblib | .skops        a fitted head, and <name>.json its sidecar
+    <cache>/runs/<run name>/                    an end-to-end run: best.pt, last.pt,
+                                                history.json, metrics.json
+    <cache>/export/<kind>-<name>.onnx           an exported classifier (+ .json sidecar)
+    <reports>/compare.md | .csv | .json         the comparison report (+ its figures)
+
+Folder and file names only: nothing here touches the disk. The defaults of ``<cache>``
+and ``<reports>`` are in config.py.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+__all__ = [
+    "features_dir",
+    "cache_file",
+    "parts_dir",
+    "shards_dir",
+    "shard_file",
+    "heads_dir",
+    "runs_dir",
+    "run_dir",
+    "export_dir",
+    "report_files",
+]
+
+
+def features_dir(cache: str) -> str:
+    return os.path.join(cache, "features")
+
+
+def cache_file(cache: str, data_root: str, key: str) -> str:
+    """The feature cache of the data folder ``data_root`` for the settings whose key is ``key``."""
+    name = os.path.basename(os.path.normpath(data_root)) or "data"
+    return os.path.join(features_dir(cache), f"{name}-{key[:12]}.h5")
+
+
+def parts_dir(path: str) -> str:
+    """Resume parts of the feature cache ``path`` while it is being extracted."""
+    return path + ".parts"
+
+
+def shards_dir(path: str) -> str:
+    return path + ".shards"
+
+
+def shard_file(path: str, rank: int, world_size: int, tag: str) -> str:
+    """Where rank ``rank`` of ``world_size`` writes its shard of the cache ``path``."""
+    return os.path.join(shards_dir(path), f"rank{rank}-of-{world_size}-{tag}.h5")
+
+
+def heads_dir(cache: str) -> str:
+    return os.path.join(cache, "heads")
+
+
+def runs_dir(cache: str) -> str:
+    return os.path.join(cache, "runs")
+
+
+def run_dir(cache: str, name: str) -> str:
+    """The folder of the run named ``name`` (``finetune.run_name`` makes the names)."""
+    return os.path.join(runs_dir(cache), name)
+
+
+def export_dir(cache: str) -> str:
+    return os.path.join(cache, "export")
+
+
+def report_files(reports: str) -> Dict[str, str]:
+    """``{"md", "csv", "json"}`` -> the comparison report in that format."""
+    return {ext: os.path.join(reports, f"compare.{ext}") for ext in ("md", "csv", "json")}
