@@ -46,7 +46,7 @@ __all__ = ["HeadSpec", "REGISTRY", "HeadRow", "HeadsResult", "Head", "run", "loa
 log = logging.getLogger(__name__)
 
 # Bumped when the fitting procedure changes, so saved heads are refitted, not reused.
-PROCEDURE_VERSION = 1
+PROCEDURE_VERSION = 2
 FORMATS = HEAD_FORMATS
 _SKOPS_TRUSTED_ROOTS = ("sklearn", "numpy", "scipy")
 
@@ -83,32 +83,34 @@ def _decades(lo: int, hi: int, reverse: bool = False) -> Tuple[float, ...]:
     return values[::-1] if reverse else values
 
 
-def _logistic(C, seed, warm_start=False):
+def _logistic(C, seed, warm_start=False, streamed=False):
     return LogisticRegression(C=C, max_iter=1000, warm_start=warm_start, random_state=seed)
 
 
 def _sgd(loss):
-    # max_iter=50 epochs: on cached features SGD either meets tol within a few dozen epochs
-    # or, on separable data with a tiny alpha, never does (its loss keeps shrinking).
-    def build(alpha, seed, warm_start=False):
-        return SGDClassifier(loss=loss, alpha=alpha, max_iter=50, tol=1e-3, warm_start=warm_start,
+    # scikit-learn's own stopping rule: 10% of the training rows (never val) are held out and
+    # training stops once their accuracy has not improved by tol for n_iter_no_change epochs
+    # (50 at most). partial_fit (out-of-core) has no epochs to stop: there the rule is off.
+    def build(alpha, seed, warm_start=False, streamed=False):
+        return SGDClassifier(loss=loss, alpha=alpha, max_iter=50, tol=1e-3, early_stopping=not streamed,
+                             validation_fraction=0.1, n_iter_no_change=5, warm_start=warm_start,
                              random_state=seed)
     return build
 
 
-def _linear_svm(C, seed, warm_start=False):
+def _linear_svm(C, seed, warm_start=False, streamed=False):
     return LinearSVC(C=C, max_iter=2000, random_state=seed)
 
 
-def _ridge(alpha, seed, warm_start=False):
+def _ridge(alpha, seed, warm_start=False, streamed=False):
     return RidgeClassifier(alpha=alpha)
 
 
-def _knn(k, seed, warm_start=False):
+def _knn(k, seed, warm_start=False, streamed=False):
     return KNeighborsClassifier(n_neighbors=int(k))
 
 
-def _centroid(_value, seed, warm_start=False):
+def _centroid(_value, seed, warm_start=False, streamed=False):
     return NearestCentroid()
 
 
@@ -117,11 +119,11 @@ def _centroid(_value, seed, warm_start=False):
 REGISTRY: Dict[str, HeadSpec] = {spec.name: spec for spec in (
     HeadSpec("logistic", "logistic regression (lbfgs)", _logistic, "C", _decades(-6, 5), True, True,
              span=True, cv_path=logistic_path),
-    # SGD is not warm-started in CV: a warm start would change what it converges to, and CV
-    # must score exactly the procedure that fits the final head.
-    HeadSpec("sgd_log", "SGD, log-loss", _sgd("log_loss"), "alpha", _decades(-6, 1, reverse=True), True,
+    # SGD is warm-started along alpha in CV (a few epochs per grid value instead of up to 50)
+    # and stops by scikit-learn's early_stopping; the final head is one plain fit.
+    HeadSpec("sgd_log", "SGD, log-loss", _sgd("log_loss"), "alpha", _decades(-6, 1, reverse=True), True, True,
              out_of_core=True, span=True),
-    HeadSpec("sgd_hinge", "SGD, hinge loss", _sgd("hinge"), "alpha", _decades(-6, 1, reverse=True), True,
+    HeadSpec("sgd_hinge", "SGD, hinge loss", _sgd("hinge"), "alpha", _decades(-6, 1, reverse=True), True, True,
              out_of_core=True, span=True),
     HeadSpec("linear_svm", "linear SVM (liblinear, squared hinge)", _linear_svm, "C", _decades(-6, 2), True,
              span=True, cv_path=l2svm_path),
@@ -309,7 +311,7 @@ def _fit_out_of_core(spec: HeadSpec, path: str, meta: dict, cfg: HeadsConfig, n_
         cv_scaler.partial_fit(X[~holdout[i * step: i * step + len(X)]])
     all_classes = np.arange(n_classes)
     rng = np.random.default_rng(cfg.seed)
-    models = [spec.build(a, cfg.seed) for a in spec.grid]
+    models = [spec.build(a, cfg.seed, streamed=True) for a in spec.grid]
     for _ in range(cfg.epochs):
         for X, y, rows in _stream_train(path, n, step, rng):
             keep = ~holdout[rows]
@@ -332,7 +334,7 @@ def _fit_out_of_core(spec: HeadSpec, path: str, meta: dict, cfg: HeadsConfig, n_
           "best_score": float(acc[best_i]), "best_std": 0.0, "refined": False, "not_converged": 0,
           "out_of_core": {"chunk_rows": cfg.chunk_rows, "epochs": cfg.epochs, "rows": n}}
     cv["seconds"] = time.perf_counter() - start
-    final = spec.build(best, cfg.seed)
+    final = spec.build(best, cfg.seed, streamed=True)
     for _ in range(cfg.epochs):
         for X, y, _rows in _stream_train(path, n, cfg.chunk_rows, rng):
             final.partial_fit(scaler.transform(X), y, classes=all_classes)
@@ -441,7 +443,8 @@ def _file_name(name: str, cfg: HeadsConfig) -> str:
 
 def _settings(spec: HeadSpec, cfg: HeadsConfig, meta: dict) -> dict:
     """Everything that determines a fitted head; an equal saved sidecar means "up to date"."""
-    estimator = _jsonable_params(spec.build(spec.grid[0] if spec.grid else None, cfg.seed))
+    estimator = _jsonable_params(spec.build(spec.grid[0] if spec.grid else None, cfg.seed,
+                                            streamed=cfg.out_of_core))
     estimator.pop(spec.param, None)
     s = {"head": spec.name, "procedure_version": PROCEDURE_VERSION, "features_content_key": meta["content_key"],
          "features_settings_key": meta["settings_key"], "cv_folds": cfg.cv_folds, "seed": cfg.seed,

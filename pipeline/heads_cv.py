@@ -1,21 +1,36 @@
 """Cross-validation of the heads on the train split: folds, exact fast paths, the sweep.
 
-Why fast paths: on a small data set a fold has fewer training rows ``n`` than features
-(196 < 512 on the tutorial's data), and scikit-learn's per-``fit`` overhead, not arithmetic,
-dominates a sweep of hundreds of small fits. Two exact facts make the sweep cheap:
+Why fast paths: scikit-learn fits one estimator per fold and grid value, and on cached
+features its per-``fit`` overhead (small ``n``) or its many passes over the data (large ``n``)
+dominate a sweep of dozens of fits. Each fold is therefore decomposed **once**, and that
+decomposition serves every class (one-vs-rest), every grid value and every head:
 
-* **Span basis.** After the fold's scaler, ``X_train = U S V^T`` (thin SVD, rank r <= n - 1).
-  An L2-penalised linear model's weights lie in the span of the training rows (representer
-  theorem), so ``w = V b`` and fitting on ``Z = X V`` (``r`` columns) is the same problem:
-  same objective values, gradient norms, dual problem and test-fold decisions.
-* **Path solvers.** For ridge the whole alpha path is closed-form in that basis; for binary
-  logistic regression (lbfgs's objective: unpenalised intercept) and the L2-loss linear SVM
-  (liblinear's objective: squared hinge, intercept penalised as a feature of value 1) a
-  warm-started Newton method reaches the optimum of each grid value in a few steps.
+* **Span basis** (fewer training rows than features, ``n < d``). After the fold's scaler,
+  ``X_train = U S V^T`` (thin SVD, rank r <= n - 1). An L2-penalised linear model's weights
+  lie in the span of the training rows (representer theorem), so ``w = V b`` and fitting on
+  ``Z = X V`` (``r`` columns) is the same problem: same objective values, gradient norms,
+  dual problem and test-fold decisions.
+* **Feature basis** (``n >= d``). The ``d x d`` Gram matrix ``X^T X`` of the scaled rows and
+  its eigen-decomposition ``V diag(s^2) V^T``. Ridge's whole alpha path is closed form in it;
+  it is the exact Newton matrix of logistic regression and the L2-SVM at ``w = 0`` (the start
+  of every path), and later Newton matrices are formed only when the lagged one stops being
+  a good preconditioner (Newton with preconditioned conjugate gradients, in ``d + 1``
+  dimensions; ``X`` is never copied).
 
-Everything else (SGD, kNN, multiclass logistic) runs scikit-learn's own estimator over the
-grid, in the span basis when the head's ``span`` flag allows. tests/test_heads.py checks the
-fast paths against scikit-learn fits on the original features.
+The basis is chosen from ``n`` and ``d`` (:func:`prepare_fold`). In it:
+
+* **ridge**: ``RidgeClassifier`` for every alpha from one product ``B = Z^T (Y - mean Y)``,
+  with ``Y`` the +-1 label matrix of every class (one-vs-rest, argmax; binary: one column).
+* **logistic** (binary; lbfgs's objective: unpenalised intercept) and the **L2-loss linear
+  SVM** (liblinear's objective: squared hinge, intercept penalised as a feature of value 1;
+  one-vs-rest for multiclass): a damped Newton method, warm-started along the C grid, reaches
+  each grid value's optimum in a few steps.
+
+Multiclass logistic regression (multinomial, as scikit-learn's lbfgs fits it), SGD and kNN
+run scikit-learn's own estimator over the grid (warm-started along it where the head's spec
+says so, in the span basis when the head's ``span`` flag allows). tests/test_heads.py checks
+the fast paths against scikit-learn fits on the original features, binary and multiclass,
+``n < d`` and ``n > d``.
 """
 from __future__ import annotations
 
@@ -27,17 +42,24 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import sklearn
+from scipy.linalg import cho_factor, cho_solve
 from scipy.special import expit
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
 
-__all__ = ["TrainData", "Fold", "make_folds", "splitter", "cross_validate", "refine_values",
+__all__ = ["TrainData", "Fold", "make_folds", "prepare_fold", "splitter", "cross_validate", "refine_values",
            "ridge_path", "logistic_path", "l2svm_path"]
 
 log = logging.getLogger(__name__)
 
 _NEWTON_MAX_ITER = 100
+# Folds up to this many values (n x d) are kept in float64; larger ones stay float32, as
+# the cache stores them: half the memory and memory traffic of the products with X.
+_FLOAT64_MAX_VALUES = 1 << 20
+# A Newton matrix costs about as much as 45 products with X (n d^2 flops at BLAS-3 speed vs
+# 2 n d at memory speed): form a fresh one only when CG needed more steps than that saves.
+_REFRESH_AFTER_CG = 12
 
 
 @dataclass
@@ -55,18 +77,23 @@ class TrainData:
 class Fold:
     """One CV fold, scaled by a scaler fitted on its own training rows only.
 
-    ``Z_train = U * s`` and ``Z_test = X_test V`` are the rows in the span basis (float64),
-    present when the fold has fewer training rows than features.
+    ``basis`` is ``"span"`` (``n < d``: ``Z_train = U * s`` and ``Z_test = X_test V`` are the
+    rows in the span basis, float64) or ``"feature"`` (``n >= d``: ``gram = X_train^T X_train``
+    and its eigen-decomposition ``V diag(s2) V^T``, float64); ``None`` for an empty fold.
     """
 
     X_train: np.ndarray
     y_train: np.ndarray
     X_test: np.ndarray
     y_test: np.ndarray
+    basis: Optional[str] = None
     U: Optional[np.ndarray] = None
     s: Optional[np.ndarray] = None
     Z_train: Optional[np.ndarray] = None
     Z_test: Optional[np.ndarray] = None
+    gram: Optional[np.ndarray] = None
+    V: Optional[np.ndarray] = None
+    s2: Optional[np.ndarray] = None
 
     def data(self, span: bool) -> Tuple[np.ndarray, np.ndarray]:
         if span and self.Z_train is not None:
@@ -74,17 +101,42 @@ class Fold:
         return self.X_train, self.X_test
 
 
+def prepare_fold(X_train: np.ndarray, y_train: np.ndarray, X_test: np.ndarray, y_test: np.ndarray) -> Fold:
+    """A :class:`Fold` of already scaled rows, with its basis chosen from ``n`` and ``d``.
+
+    ``X_train : ndarray of shape (n, d)`` (centred, as the fold's scaler leaves it),
+    ``X_test : ndarray of shape (m, d)``.
+    """
+    dtype = np.float64 if X_train.size <= _FLOAT64_MAX_VALUES else np.float32
+    fold = Fold(np.ascontiguousarray(X_train, dtype), np.asarray(y_train),
+                np.ascontiguousarray(X_test, dtype), np.asarray(y_test))
+    n, p = fold.X_train.shape
+    if n == 0 or p == 0:
+        return fold
+    if n < p:
+        _span_basis(fold)
+    else:
+        _feature_basis(fold)
+    return fold
+
+
 def _span_basis(fold: Fold) -> None:
     n, p = fold.X_train.shape
-    if n >= p or n == 0:
-        return
     U, s, Vt = np.linalg.svd(fold.X_train.astype(np.float64), full_matrices=False)
     if not s.size or s[0] <= 0:
         return
     r = int(np.sum(s > s[0] * max(n, p) * np.finfo(np.float32).eps))
-    fold.U, fold.s = U[:, :r], s[:r]
+    fold.basis, fold.U, fold.s = "span", U[:, :r], s[:r]
     fold.Z_train = fold.U * fold.s
     fold.Z_test = fold.X_test.astype(np.float64) @ Vt[:r].T
+
+
+def _feature_basis(fold: Fold) -> None:
+    X = fold.X_train
+    fold.gram = np.asarray(X.T @ X, np.float64)
+    s2, fold.V = np.linalg.eigh(fold.gram)
+    fold.s2 = np.clip(s2, 0.0, None)
+    fold.basis = "feature"
 
 
 def splitter(n_splits: int, seed: int) -> StratifiedKFold:
@@ -101,10 +153,8 @@ def make_folds(data: TrainData, n_splits: int, seed: int) -> List[Fold]:
         in_train[train_img] = True
         rows = in_train[data.groups]
         scaler = StandardScaler().fit(data.X[rows])
-        fold = Fold(scaler.transform(data.X[rows]), data.y[rows], scaler.transform(data.X[test_img]),
-                    plain_y[test_img])
-        _span_basis(fold)
-        folds.append(fold)
+        folds.append(prepare_fold(scaler.transform(data.X[rows]), data.y[rows], scaler.transform(data.X[test_img]),
+                                  plain_y[test_img]))
     return folds
 
 
@@ -115,25 +165,35 @@ def _with_bias(Z: np.ndarray) -> np.ndarray:
     return np.hstack([Z, np.ones((Z.shape[0], 1))])
 
 
+def _labels(fold: Fold) -> Tuple[np.ndarray, np.ndarray]:
+    """The classes and the +-1 one-vs-rest label matrix (one column when binary)."""
+    classes = np.unique(fold.y_train)
+    Y = np.where(fold.y_train[:, None] == classes[None, :], 1.0, -1.0)
+    return classes, (Y[:, 1:] if len(classes) == 2 else Y)
+
+
+def _decide(classes: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """Predicted classes from decisions ``(m, 1)`` (binary) or ``(m, n_classes)``."""
+    return classes[(dec[:, 0] > 0).astype(int)] if dec.shape[1] == 1 else classes[dec.argmax(1)]
+
+
 def ridge_path(fold: Fold, alphas: Sequence[float]) -> Optional[Tuple[List[np.ndarray], int]]:
     """Test-fold predictions of ``RidgeClassifier(alpha)`` for every alpha, closed form.
 
-    ``w = V diag(s / (s^2 + alpha)) U^T (Y - mean(Y))`` with ``Y`` the +-1 label matrix and
-    the intercept ``mean(Y)`` (training rows are centred by the fold's scaler).
+    With ``Z`` the training rows in the fold's basis (orthogonal columns, squared norms
+    ``s2``), ``w = diag(1 / (s2 + alpha)) Z^T (Y - mean(Y))`` and the intercept is ``mean(Y)``
+    (training rows are centred by the fold's scaler). ``Y`` holds every class's +-1 column.
     """
-    if fold.U is None:
+    if fold.basis is None:
         return None
-    classes = np.unique(fold.y_train)
-    Y = np.where(fold.y_train[:, None] == classes[None, :], 1.0, -1.0)
-    if len(classes) == 2:
-        Y = Y[:, 1:]
+    classes, Y = _labels(fold)
     mean = Y.mean(0)
-    UtY = fold.U.T @ (Y - mean)
-    out = []
-    for a in alphas:
-        dec = fold.Z_test @ ((fold.s / (fold.s ** 2 + a))[:, None] * UtY) + mean
-        out.append(classes[(dec[:, 0] > 0).astype(int)] if len(classes) == 2 else classes[dec.argmax(1)])
-    return out, 0
+    if fold.basis == "span":
+        B, s2, T = fold.Z_train.T @ (Y - mean), fold.s ** 2, fold.Z_test
+    else:
+        XtY = fold.X_train.T @ (Y - mean).astype(fold.X_train.dtype)
+        B, s2, T = fold.V.T @ XtY, fold.s2, fold.X_test @ fold.V.astype(fold.X_test.dtype)
+    return [_decide(classes, T @ (B / (s2 + a)[:, None]) + mean) for a in alphas], 0
 
 
 def _newton(objective: Callable, w: np.ndarray, tol: float) -> Tuple[np.ndarray, bool]:
@@ -154,19 +214,149 @@ def _newton(objective: Callable, w: np.ndarray, tol: float) -> Tuple[np.ndarray,
     return w, False
 
 
+# ----------------------------------------------------------------- feature basis: n >= d
+
+
+class _Design:
+    """Products with ``A = [X, 1]`` (intercept last) without copying ``X`` (float32 or 64)."""
+
+    def __init__(self, X: np.ndarray):
+        self.X = X
+
+    def mv(self, v: np.ndarray) -> np.ndarray:
+        return np.asarray(self.X @ v[:-1].astype(self.X.dtype), np.float64) + v[-1]
+
+    def rmv(self, r: np.ndarray) -> np.ndarray:
+        return np.r_[np.asarray(self.X.T @ r.astype(self.X.dtype), np.float64), r.sum()]
+
+    def curvature(self, h: np.ndarray) -> np.ndarray:
+        """``A^T diag(h) A`` over the rows where ``h > 0``."""
+        rows = np.flatnonzero(h > 0)
+        X = self.X if len(rows) == len(h) else self.X[rows]
+        hr = h[rows]
+        Xh = X * hr[:, None].astype(X.dtype)
+        d = X.shape[1]
+        out = np.empty((d + 1, d + 1))
+        out[:d, :d] = Xh.T @ X
+        out[:d, d] = out[d, :d] = Xh.sum(0)
+        out[d, d] = hr.sum()
+        return out
+
+
+def _gram_curvature(fold: Fold) -> np.ndarray:
+    """``[X, 1]^T [X, 1]`` from the fold's Gram matrix (the scaled rows are centred)."""
+    d = fold.gram.shape[0]
+    out = np.zeros((d + 1, d + 1))
+    out[:d, :d] = fold.gram
+    out[:d, d] = out[d, :d] = fold.X_train.sum(0, dtype=np.float64)
+    out[d, d] = len(fold.X_train)
+    return out
+
+
+def _pcg(hvp: Callable, b: np.ndarray, precond: Callable, rtol: float, maxiter: int) -> Tuple[np.ndarray, int]:
+    """Preconditioned conjugate gradients for ``H x = b``; returns x and the iterations."""
+    x = np.zeros_like(b)
+    r = b.copy()
+    z = precond(r)
+    p, rz = z.copy(), float(r @ z)
+    target = rtol * float(np.linalg.norm(b))
+    for i in range(1, maxiter + 1):
+        Hp = hvp(p)
+        alpha = rz / float(p @ Hp)
+        x += alpha * p
+        r -= alpha * Hp
+        if np.linalg.norm(r) <= target:
+            return x, i
+        z = precond(r)
+        rz_new = float(r @ z)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x, maxiter
+
+
+def _feature_newton_path(fold: Fold, y: np.ndarray, Cs: Sequence[float], loss: str
+                         ) -> Tuple[List[np.ndarray], int]:
+    """Weights ``[w, b]`` for each C of the binary logistic (``loss="log"``, unpenalised
+    intercept) or squared-hinge (``loss="sqhinge"``, penalised intercept) problem on the
+    fold's scaled rows, by Newton steps warm-started along ``Cs``.
+
+    Each Newton system ``H d = g`` is solved by conjugate gradients preconditioned with
+    ``C L + R``, ``L`` the loss curvature ``A^T diag(h) A / C`` at some earlier iterate:
+    exact at ``w = 0`` from the fold's Gram matrix, and formed anew (``n d^2``) only when the
+    lagged one needed more than a few CG steps — so far fewer than one per Newton step.
+    """
+    A = _Design(fold.X_train)
+    n, d = fold.X_train.shape
+    reg = np.r_[np.ones(d), 0.0 if loss == "log" else 1.0]
+    cheap = n <= 4 * d  # a fresh Newton matrix costs little: form it at every step (exact Newton)
+    state = {"L": _gram_curvature(fold) * (0.25 if loss == "log" else 2.0), "C": None, "chol": None}
+    tol = 1e-10 if fold.X_train.dtype == np.float64 else 1e-8
+    w = np.zeros(d + 1)
+    weights, not_converged = [], 0
+    for C in Cs:
+        def objective(v, C=C):
+            z = A.mv(v)
+            if loss == "log":
+                m = y * z
+                q = expit(-m)
+                f = C * float(np.logaddexp(0.0, -m).sum())
+                dz, h = -C * y * q, C * q * (1.0 - q)
+            else:
+                xi = 1.0 - y * z
+                act = xi > 0
+                f = C * float(xi[act] @ xi[act])
+                dz, h = np.where(act, -2.0 * C * y * xi, 0.0), 2.0 * C * act
+            f += 0.5 * float(reg @ (v * v))
+            g = A.rmv(dz) + reg * v
+
+            def solve(rhs):
+                if state["L"] is None:
+                    state["L"], state["C"] = A.curvature(h / C), None
+                if state["C"] != C:
+                    P = C * state["L"]
+                    P[np.diag_indices_from(P)] += reg + 1e-10
+                    state["chol"], state["C"] = cho_factor(P), C
+                hvp = lambda u: A.rmv(h * A.mv(u)) + reg * u  # noqa: E731
+                x, its = _pcg(hvp, rhs, lambda r: cho_solve(state["chol"], r), 1e-8, 200)
+                if cheap or its > _REFRESH_AFTER_CG:
+                    state["L"] = None  # stale: form it at the next Newton step
+                return x
+            return f, g, solve
+
+        w, ok = _newton(objective, w, tol)
+        not_converged += not ok
+        weights.append(w.copy())
+    return weights, not_converged
+
+
+def _feature_decisions(fold: Fold, weights: List[np.ndarray]) -> np.ndarray:
+    """``(m, n_C)`` test-fold decisions of the weights ``[w, b]``."""
+    W = np.stack(weights, 1)
+    return np.asarray(fold.X_test @ W[:-1].astype(fold.X_test.dtype), np.float64) + W[-1]
+
+
+# ----------------------------------------------------------------- the paths
+
+
 def logistic_path(fold: Fold, Cs: Sequence[float]) -> Optional[Tuple[List[np.ndarray], int]]:
     """Test-fold predictions of binary ``LogisticRegression(C)`` (unpenalised intercept),
-    warm-started Newton along ``Cs``. Multiclass returns None (scikit-learn's lbfgs runs).
+    warm-started Newton along ``Cs``. Multiclass returns None: scikit-learn's lbfgs fits the
+    multinomial model, warm-started along the grid.
 
-    In the usual small-sample case the basis has ``r = n - 1`` columns, so ``A = [Z, 1]`` is
-    square and invertible (``Z``'s columns are orthogonal to 1 after centring) and Newton runs
-    on the training margins ``f = A w``: the penalty becomes ``f^T G f / 2`` with
-    ``G = U diag(1/s^2) U^T``, and the Hessian ``C diag(h) + G`` needs no matrix product.
+    Span basis: in the usual small-sample case the basis has ``r = n - 1`` columns, so
+    ``A = [Z, 1]`` is square and invertible (``Z``'s columns are orthogonal to 1 after
+    centring) and Newton runs on the training margins ``f = A w``: the penalty becomes
+    ``f^T G f / 2`` with ``G = U diag(1/s^2) U^T``, and the Hessian ``C diag(h) + G`` needs
+    no matrix product. Feature basis: see :func:`_feature_newton_path`.
     """
     classes = np.unique(fold.y_train)
-    if fold.Z_train is None or len(classes) != 2:
+    if fold.basis is None or len(classes) != 2:
         return None
     y = np.where(fold.y_train == classes[1], 1.0, -1.0)
+    if fold.basis == "feature":
+        weights, bad = _feature_newton_path(fold, y, Cs, "log")
+        dec = _feature_decisions(fold, weights)
+        return [classes[(dec[:, i] > 0).astype(int)] for i in range(len(Cs))], bad
     n, r = fold.Z_train.shape
     square = r == n - 1
     if square:
@@ -237,21 +427,24 @@ def _l2svm_solve(A: np.ndarray, y: np.ndarray, Cs: Sequence[float]) -> Tuple[Lis
 
 def l2svm_path(fold: Fold, Cs: Sequence[float]) -> Optional[Tuple[List[np.ndarray], int]]:
     """Test-fold predictions of ``LinearSVC(C)`` (squared hinge, one-vs-rest, intercept
-    penalised as liblinear does with ``intercept_scaling=1``) for every C."""
-    if fold.Z_train is None:
+    penalised as liblinear does with ``intercept_scaling=1``) for every C. Every class's
+    problem shares the fold's basis (span) or Gram matrix (feature)."""
+    if fold.basis is None:
         return None
-    classes = np.unique(fold.y_train)
-    A, T = _with_bias(fold.Z_train), _with_bias(fold.Z_test)
-    problems = [classes[1]] if len(classes) == 2 else list(classes)
+    classes, Y = _labels(fold)
     decisions, not_converged = [], 0
-    for positive in problems:
-        weights, bad = _l2svm_solve(A, np.where(fold.y_train == positive, 1.0, -1.0), Cs)
-        decisions.append(np.stack([T @ w for w in weights], 1))  # (n_test, n_C)
+    if fold.basis == "span":
+        A, T = _with_bias(fold.Z_train), _with_bias(fold.Z_test)
+    for k in range(Y.shape[1]):
+        if fold.basis == "span":
+            weights, bad = _l2svm_solve(A, Y[:, k], Cs)
+            decisions.append(np.stack([T @ w for w in weights], 1))  # (n_test, n_C)
+        else:
+            weights, bad = _feature_newton_path(fold, Y[:, k], Cs, "sqhinge")
+            decisions.append(_feature_decisions(fold, weights))
         not_converged += bad
     dec = np.stack(decisions, 2)  # (n_test, n_C, n_problems)
-    if len(classes) == 2:
-        return [classes[(dec[:, i, 0] > 0).astype(int)] for i in range(len(Cs))], not_converged
-    return [classes[dec[:, i].argmax(1)] for i in range(len(Cs))], not_converged
+    return [_decide(classes, dec[:, i]) for i in range(len(Cs))], not_converged
 
 
 # --------------------------------------------------------------------------- the sweep

@@ -147,9 +147,9 @@ def test_use_views_trains_on_views(tmp_path):
 # ----------------------------------------------------------------------------- exact CV paths
 
 
-def _fold(n_classes, seed=0, n=40, dim=60, m=30, duplicates=0):
+def _fold(n_classes, seed=0, n=40, dim=60, m=30, duplicates=0, sep=0.4):
     rng = np.random.default_rng(seed)
-    means = rng.normal(0, 0.4, (n_classes, dim))
+    means = rng.normal(0, sep, (n_classes, dim))
     y = np.arange(n) % n_classes
     yt = np.arange(m) % n_classes
     X = means[y] + rng.normal(size=(n, dim))
@@ -157,32 +157,54 @@ def _fold(n_classes, seed=0, n=40, dim=60, m=30, duplicates=0):
     y[n - duplicates:] = y[:duplicates]
     Xt = means[yt] + rng.normal(size=(m, dim))
     mu, sd = X.mean(0), X.std(0)
-    fold = heads_cv.Fold(((X - mu) / sd).astype(np.float32), y, ((Xt - mu) / sd).astype(np.float32), yt)
-    heads_cv._span_basis(fold)
-    assert fold.Z_train.shape == (n, n - 1 - duplicates)
+    fold = heads_cv.prepare_fold(((X - mu) / sd).astype(np.float32), y, ((Xt - mu) / sd).astype(np.float32), yt)
+    if n < dim:
+        assert fold.basis == "span" and fold.Z_train.shape == (n, n - 1 - duplicates)
+    else:
+        assert fold.basis == "feature" and fold.gram.shape == (dim, dim)
     return fold
 
 
-@pytest.mark.parametrize("n_classes", [2, 3])
+_VALUES = {"ridge": [1e4, 1e3, 10.0, 0.1, 1e-3], "logistic": [1e-4, 1e-3, 1e-1, 10.0, 1e3],
+           "linear_svm": [1e-5, 1e-4, 1e-2, 1.0, 100.0]}
+_REFERENCE = {  # scikit-learn at tight tolerances: the exact optimum the fast paths must reach
+    "ridge": lambda v: RidgeClassifier(alpha=v),
+    "logistic": lambda v: LogisticRegression(C=v, tol=1e-10, max_iter=10000),
+    "linear_svm": lambda v: LinearSVC(C=v, tol=1e-10, max_iter=500000),
+}
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (120, 512), (300, 20)], ids=["span", "span-512", "feature"])
+@pytest.mark.parametrize("n_classes", [2, 3, 10])
 @pytest.mark.parametrize("head", ["ridge", "logistic", "linear_svm"])
-def test_fast_paths_match_sklearn_on_original_features(head, n_classes):
-    """The exact span-basis paths predict what scikit-learn fitted on all 60 features predicts."""
-    fold = _fold(n_classes, seed=n_classes)
-    values = {"ridge": [1e3, 10.0, 0.1], "logistic": [1e-3, 1e-1, 10.0], "linear_svm": [1e-4, 1e-2, 1.0]}[head]
-    reference = {
-        "ridge": lambda v: RidgeClassifier(alpha=v),
-        "logistic": lambda v: LogisticRegression(C=v, tol=1e-10, max_iter=10000),
-        "linear_svm": lambda v: LinearSVC(C=v, tol=1e-8, max_iter=200000),
-    }[head]
+def test_fast_paths_match_sklearn_on_original_features(head, n_classes, shape):
+    """The exact paths (span basis when n < d, feature basis when n >= d; one-vs-rest for
+    multiclass) predict what scikit-learn fitted on all the features predicts."""
+    n, dim = shape
+    fold = _fold(n_classes, seed=n_classes, n=n, dim=dim, m=60, sep=0.4 if n < dim else 0.15)
+    values = _VALUES[head]
     path = heads.REGISTRY[head].cv_path(fold, values)
     if head == "logistic" and n_classes > 2:
-        assert path is None  # multiclass logistic runs scikit-learn's own lbfgs
+        assert path is None  # multinomial: scikit-learn's own lbfgs, warm-started along the grid
         return
     predictions, not_converged = path
     assert not_converged == 0
     for v, pred in zip(values, predictions):
-        ref = reference(v).fit(fold.X_train.astype(np.float64), fold.y_train)
+        ref = _REFERENCE[head](v).fit(fold.X_train.astype(np.float64), fold.y_train)
         np.testing.assert_array_equal(pred, ref.predict(fold.X_test.astype(np.float64)), err_msg=f"{head} {v}")
+
+
+def test_feature_basis_in_float32_matches_float64(monkeypatch):
+    """Large folds stay float32 (as cached); the Newton paths still reach the same answers."""
+    fold64 = _fold(2, seed=5, n=400, dim=30, m=80, sep=0.15)
+    monkeypatch.setattr(heads_cv, "_FLOAT64_MAX_VALUES", 0)
+    fold32 = _fold(2, seed=5, n=400, dim=30, m=80, sep=0.15)
+    assert fold32.X_train.dtype == np.float32 and fold64.X_train.dtype == np.float64
+    for head in ("logistic", "linear_svm", "ridge"):
+        a, b = (heads.REGISTRY[head].cv_path(f, _VALUES[head]) for f in (fold64, fold32))
+        assert b[1] == 0
+        for pa, pb in zip(a[0], b[0]):
+            assert np.mean(pa != pb) <= 1 / 80, head
 
 
 @pytest.mark.parametrize("duplicates", [0, 4])
@@ -205,10 +227,15 @@ def test_parallel_folds_give_the_same_choices(tmp_path):
         assert a.doc["cv"]["mean"] == b.doc["cv"]["mean"] and a.doc["cv"]["best"] == b.doc["cv"]["best"]
 
 
-def test_span_basis_is_used_only_below_feature_count():
-    fold = heads_cv.Fold(np.ones((600, 512), np.float32), np.zeros(600), np.ones((5, 512), np.float32), np.zeros(5))
-    heads_cv._span_basis(fold)
-    assert fold.Z_train is None and fold.data(True)[0] is fold.X_train
+def test_basis_is_chosen_from_rows_and_features():
+    def fold(n, d):
+        X = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
+        return heads_cv.prepare_fold(X - X.mean(0), np.arange(n) % 2, X[:5], np.zeros(5))
+
+    span, feature = fold(100, 512), fold(600, 512)
+    assert span.basis == "span" and span.data(True)[0].shape == (100, 99)
+    assert feature.basis == "feature" and feature.Z_train is None and feature.data(True)[0] is feature.X_train
+    assert feature.gram.shape == (512, 512) and feature.V.shape == (512, 512)
 
 
 # ----------------------------------------------------------------------------- persistence
