@@ -44,6 +44,7 @@ from .files import atomic_write
 from .errors import DamagedCacheError, UserError
 from .paths import heads_dir, report_files, runs_dir
 from .records import HeadRecord, RecordError, RunRecord, read_json
+from .text import format_duration, format_table
 
 __all__ = [
     "NOT_PRETRAINED",
@@ -414,16 +415,6 @@ def _rank_and_test(rows: List[Row], alpha: float) -> Optional[Row]:
 # --------------------------------------------------------------------------- formatting
 
 
-def _fmt_seconds(s: float) -> str:
-    if s < 1:
-        return f"{s * 1000:.0f} ms"
-    if s < 120:
-        return f"{s:.1f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
-
-
 def _fmt_params(n: Optional[int]) -> str:
     if n is None:
         return "?"
@@ -459,23 +450,14 @@ def _table_cells(row: Row) -> List[str]:
         _fmt_acc(row.accuracy, row.accuracy_std, row.seeds),
         f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "per seed ↓",
         _fmt_acc(row.balanced_accuracy, row.balanced_accuracy_std, row.seeds).split(" (")[0],
-        _fmt_seconds(row.total_seconds) + (" ¹" if row.kind == "head" else ""),
-        _fmt_seconds(row.train_seconds),
+        format_duration(row.total_seconds) + (" ¹" if row.kind == "head" else ""),
+        format_duration(row.train_seconds),
         f"{row.predict_ms:.1f} ms",
         _fmt_params(row.trainable_parameters),
         row.weights_label,
         row.device or "?",
         _fmt_mark(row),
     ]
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """An aligned Markdown table: valid Markdown and readable as plain text."""
-    cells = [list(header)] + [list(r) for r in rows]
-    widths = [max(len(str(row[i])) for row in cells) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-                     + [line(r) for r in cells[1:]])
 
 
 # --------------------------------------------------------------------------- result object
@@ -523,9 +505,9 @@ def _seed_table(res: CompareResult) -> str:
                 b, c = _discordant(res.best.representative, r)
                 vs = f"p={mcnemar_exact(b, c):.2g}; {b}/{c}"
             lines.append([row.label, str(r.seed), f"{r.accuracy:.3f}", f"[{lo:.3f}, {hi:.3f}]",
-                          f"{r.balanced_accuracy:.3f}", _fmt_seconds(r.total_seconds), r.weights_label, vs])
-    return markdown_table(("method", "seed", "val acc", "95% CI", "balanced acc", "total time", "weights",
-                           "vs best"), lines)
+                          f"{r.balanced_accuracy:.3f}", format_duration(r.total_seconds), r.weights_label, vs])
+    return format_table(("method", "seed", "val acc", "95% CI", "balanced acc", "total time", "weights",
+                         "vs best"), lines, markdown=True)
 
 
 def _notes(res: CompareResult) -> List[str]:
@@ -665,9 +647,9 @@ def _markdown(res: CompareResult, report_dir: str) -> str:
         out += ["## ⚠ Not compared: measured on other data", "",
                 "These results are not in the table above because they were measured on a different data "
                 "root, class list or val set than the reference; mixing them would compare different exams.", ""]
-        out += [markdown_table(("file", "method", "val acc", "weights", "why excluded"),
-                               [[r.source, r.method, f"{r.accuracy:.3f}", r.weights_label, r.issue]
-                                for r in res.excluded]), ""]
+        out += [format_table(("file", "method", "val acc", "weights", "why excluded"),
+                             [[r.source, r.method, f"{r.accuracy:.3f}", r.weights_label, r.issue]
+                              for r in res.excluded], markdown=True), ""]
     if res.skipped:
         out += ["## Files ignored", ""] + [f"- `{s['path']}`: {s['reason']}" for s in res.skipped] + [""]
     if res.figures:
@@ -776,7 +758,7 @@ def run(cfg: CompareConfig) -> CompareResult:
     reference = {"data_root": ref.data_root, "classes": list(ref.classes), "n_val": ref.n}
     res = CompareResult(rows=rows, excluded=excluded, skipped=skipped, best=best, reference=reference,
                         alpha=cfg.alpha)
-    res.table = markdown_table(_HEADER, [_table_cells(r) for r in rows])
+    res.table = format_table(_HEADER, [_table_cells(r) for r in rows], markdown=True)
 
     try:
         os.makedirs(cfg.reports, exist_ok=True)

@@ -38,6 +38,7 @@ from .errors import UserError
 from .records import FeaturesRef, HeadRecord, RecordError, SchemaError, WeightsRef, read_json
 from .heads_cv import TrainData, cross_validate, l2svm_path, logistic_path, make_folds, ridge_path, splitter
 from .paths import heads_dir
+from .text import format_table
 from .versions import library_versions
 
 __all__ = ["HeadSpec", "REGISTRY", "HeadRow", "HeadsResult", "Head", "run", "load_head",
@@ -183,7 +184,7 @@ class HeadsResult:
         if not self.pretrained:
             lines.append(f"  weights {self.weights_id}: not pretrained (random init), not a transfer-learning result")
         header = ("head", "val acc [95% CI]", "bal acc", "chosen", "cv acc", "fit s", "µs/img")
-        table = [header]
+        table = []
         for row in self.rows:
             d = row.doc
             m = d["metrics"]
@@ -197,11 +198,7 @@ class HeadsResult:
                 "-" if cv_acc is None else f"{cv_acc:.3f}", f"{d['fit_seconds']:.2f}",
                 f"{d['predict_us_per_image']:.2f}",
             ))
-        widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-        for i, r in enumerate(table):
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-            if i == 0:
-                lines.append("  " + "  ".join("-" * w for w in widths))
+        lines.append(format_table(header, table, rule=True))
         fitted = [r for r in self.rows if not r.reused]
         fit_s = sum(r.doc["fit_seconds"] for r in fitted)
         lines.append(f"  {len(fitted)} fitted (CV + refit {fit_s:.2f} s), {len(self.rows) - len(fitted)} up to date; "

@@ -20,6 +20,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from .files import atomic_write
+from .text import format_duration
 
 __all__ = [
     "Point",
@@ -75,15 +76,7 @@ def _save(fig: Figure, path: str) -> str:
 
 
 def _fmt_time(s: float, _pos=None) -> str:
-    if s < 1:
-        return f"{s * 1000:.3g} ms"
-    if s < 60:
-        return f"{s:.3g} s"
-    if s < 3600:
-        return f"{s / 60:.3g} min"
-    if s < 86400 * 2:
-        return f"{s / 3600:.3g} h"
-    return f"{s / 86400:.3g} d"
+    return format_duration(s, compact=True)
 
 
 # Round clock times for the log time axis (seconds).

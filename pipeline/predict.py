@@ -20,6 +20,7 @@ import numpy as np
 from .config import PRECISIONS, PREDICT_FORMATS, PredictConfig
 from .errors import UserError
 from .paths import heads_dir
+from .text import format_table
 from .records import WeightsRef
 
 __all__ = ["PredictResult", "run", "resolve_head", "FORMATS"]
@@ -56,12 +57,9 @@ class PredictResult:
 
     def _table(self) -> str:
         lines = [f"head {self.head}" + ("" if self.pretrained else " (not pretrained: random backbone weights)")]
-        rows = [("path", "class", "probability")] + [
-            (p["path"], p["class"], "-" if p["probability"] is None else f"{p['probability']:.3f}")
-            for p in self.predictions]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        for r in rows:
-            lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        rows = [(p["path"], p["class"], "-" if p["probability"] is None else f"{p['probability']:.3f}")
+                for p in self.predictions]
+        lines.append(format_table(("path", "class", "probability"), rows))
         if self.predictions and self.predictions[0]["probability"] is None:
             lines.append("  (this head gives no probabilities; logistic and sgd_log do)")
         lines.append(f"  {len(self.predictions)} classified, {len(self.skipped)} skipped")

@@ -65,3 +65,21 @@ def test_the_cache_layout_is_written_in_one_place():
     assert paths.run_dir("c", "scratch-3") == os.path.join("c", "runs", "scratch-3")
     assert paths.heads_dir("c") == os.path.join("c", "heads")
     assert paths.report_files("r")["md"] == os.path.join("r", "compare.md")
+
+
+def test_one_table_formatter_markdown_or_plain():
+    from pipeline.text import format_table
+
+    md = format_table(("a", "bb"), [("xxx", 1)], markdown=True).splitlines()
+    assert md == ["| a   | bb |", "|-----|----|", "| xxx | 1  |"]
+    assert format_table(("a", "bb"), [("xxx", "")], rule=True).splitlines() == ["  a    bb", "  ---  --", "  xxx"]
+
+
+@pytest.mark.parametrize("seconds, table, axis", [
+    (0.0123, "12 ms", "12 ms"), (5, "5.0 s", "5 s"), (90, "90.0 s", "90 s"), (1800, "30.0 min", "30 min"),
+    (7200, "2.0 h", "2 h"), (3 * 86400, "3.0 d", "3 d"),
+])
+def test_one_duration_formatter(seconds, table, axis):
+    from pipeline.text import format_duration
+
+    assert format_duration(seconds) == table and format_duration(seconds, compact=True) == axis
