@@ -19,7 +19,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from filelock import FileLock, Timeout
@@ -29,7 +29,7 @@ from . import backbone, data, distributed, files, store
 from .config import FEATURE_DIM, FeaturesConfig
 from .errors import UserError
 
-__all__ = ["FeaturesResult", "run", "resolve", "share", "default_workers", "default_batch_size"]
+__all__ = ["FeaturesResult", "Plan", "run", "resolve", "prepare", "share", "default_workers", "default_batch_size"]
 
 log = logging.getLogger(__name__)
 
@@ -287,8 +287,16 @@ def _known(res: Resolved, features: bool = True) -> Dict[str, store.Row]:
     return known
 
 
-def _prepare(res: Resolved, cfg: FeaturesConfig, features: bool = True):
-    """``(reused rows by path, todo per split, up_to_date)``: what is known and what is left."""
+class Plan(NamedTuple):
+    """What :func:`prepare` found: the work an extraction of ``res`` has left."""
+
+    rows: Dict[str, store.Row]  # reusable results (cache, parts, shards), by image path
+    todo: Dict[str, List[Tuple[str, os.stat_result]]]  # per split: (path, stat) still to compute
+    up_to_date: bool  # nothing to compute and the cache file already holds exactly ``rows``
+
+
+def prepare(res: Resolved, cfg: FeaturesConfig, features: bool = True) -> Plan:
+    """What is known and what is left for the cache ``res`` (``features=False``: rows without vectors)."""
     reused, todo = _plan(res, _known(res, features))
     if cfg.strict:
         bad = [r for rows in reused.values() for r in rows if r.error]
@@ -297,7 +305,7 @@ def _prepare(res: Resolved, cfg: FeaturesConfig, features: bool = True):
                             f"({bad[0].error}); remove or fix it, or drop --strict to skip it")
     rows = {r.relpath: r for split_rows in reused.values() for r in split_rows}
     up_to_date = not any(todo.values()) and _unchanged(res.path, res, _assemble(res, rows))
-    return rows, todo, up_to_date
+    return Plan(rows, todo, up_to_date)
 
 
 def _previous_seconds(res: Resolved) -> float:
@@ -342,7 +350,7 @@ def _run_local(cfg: FeaturesConfig, res: Resolved) -> FeaturesResult:
         if cfg.rebuild:
             store.remove_cache(res.path)
         start = time.perf_counter()
-        rows, todo, up_to_date = _prepare(res, cfg)
+        rows, todo, up_to_date = prepare(res, cfg)
         if up_to_date:
             _remove_work_files(res.path)  # left by a run killed after its rename
             return _result(res, store.read_meta(res.path), 0, 0.0, up_to_date=True)
@@ -426,7 +434,7 @@ def _run_distributed(cfg: FeaturesConfig, ctx: distributed.Context, device: torc
     with contextlib.ExitStack() as stack:
         ctx.collective("lock", lambda: _take_lock(stack, res, cfg), run=ctx.is_primary)
         # Only rank 0 needs the known features (to write the cache); the others plan from paths.
-        rows, todo, up_to_date = ctx.collective("plan", lambda: _prepare(res, cfg, features=ctx.is_primary))
+        rows, todo, up_to_date = ctx.collective("plan", lambda: prepare(res, cfg, features=ctx.is_primary))
         digests = ctx.meet("plan", value=_plan_digest(res, todo, up_to_date))
         if len(set(digests)) > 1:  # the same on every rank, so every rank stops here
             raise UserError(

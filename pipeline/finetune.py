@@ -58,6 +58,7 @@ __all__ = [
     "run",
     "run_name",
     "run_dir",
+    "train_one_epoch",
 ]
 
 log = logging.getLogger(__name__)
@@ -412,7 +413,7 @@ def _to_device(images: torch.Tensor, s: _Step) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
 
 
-def _train_epoch(s: _Step, loader: torch.utils.data.DataLoader, bar) -> Tuple[float, float]:
+def train_one_epoch(s: _Step, loader: torch.utils.data.DataLoader, bar) -> Tuple[float, float]:
     """One pass over train; returns (mean loss, accuracy). One host sync per progress update."""
     s.net.train_mode()
     loss_sum = torch.zeros((), device=s.device)
@@ -718,7 +719,7 @@ def _epoch(step: _Step, loaders: _Loaders, scheduler, epoch: int, cfg: FinetuneC
     bar = tqdm(total=loaders.n_train, unit="img", desc=f"{name} {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not cfg.progress, dynamic_ncols=True)
     try:
-        train_loss, train_acc = _train_epoch(step, loaders.train, bar)
+        train_loss, train_acc = train_one_epoch(step, loaders.train, bar)
     finally:
         bar.close()
     scheduler.step()

@@ -168,7 +168,7 @@ def test_shards_left_by_a_killed_job_are_reused(reference, tmp_path):
     data, single = reference
     cfg = _cfg(data, tmp_path / "c")
     res = features.resolve(cfg)
-    _, todo, _ = features._prepare(res, cfg)
+    todo = features.prepare(res, cfg).todo
     for rank in range(2):
         ctx = distributed.Context(rank=rank, world_size=2)
         features._extract_shard(res, cfg, ctx, features.share(todo, rank, 2))

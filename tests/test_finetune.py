@@ -130,7 +130,7 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_data, tmp_path, 
 
     # Interrupted in epoch 2: nothing looks complete; the rerun resumes after epoch 1.
     calls = {"n": 0}
-    real = finetune._train_epoch
+    real = finetune.train_one_epoch
 
     def interrupt_second(*args):
         calls["n"] += 1
@@ -138,13 +138,13 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_data, tmp_path, 
             raise KeyboardInterrupt
         return real(*args)
 
-    monkeypatch.setattr(finetune, "_train_epoch", interrupt_second)
+    monkeypatch.setattr(finetune, "train_one_epoch", interrupt_second)
     with pytest.raises(KeyboardInterrupt):
         finetune.run(_cfg(tiny_data, tmp_path / "i"))
     run_i = tmp_path / "i" / "runs" / "finetune"
     assert not (run_i / "metrics.json").exists()
     assert torch.load(run_i / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(finetune, "_train_epoch", real)
+    monkeypatch.setattr(finetune, "train_one_epoch", real)
     interrupted = finetune.run(_cfg(tiny_data, tmp_path / "i")).runs[0]
     assert interrupted.resumed_from == 1
 
