@@ -121,26 +121,39 @@ def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resol
 
 
 def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[store.Row]], Dict[str, List[Tuple[str, os.stat_result]]]]:
-    """Reuse every known row whose file is unchanged; list the images still to compute."""
+    """Reuse every known row whose file is unchanged; list the images still to compute.
+
+    The stat taken here is the one stored with the row, and it is taken *before* the loader
+    reads the bytes (whose sha1 is stored with the feature): a file rewritten after this
+    point has another stat on the next run, is hashed again there, and is recomputed when
+    its bytes differ. So a feature is never stored under another content's fingerprint.
+    """
     reused: Dict[str, List[store.Row]] = {}
     todo: Dict[str, List[Tuple[str, os.stat_result]]] = {}
     for split, items in res.dataset.splits.items():
         reused[split], todo[split] = [], []
         for item in items:
             full = res.dataset.path(item)
-            st = os.stat(full)
-            row = known.get(item.relpath)
-            if row is not None and (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns):
-                # Touched but maybe not changed: the content hash decides.
-                if row.sha1 == files.file_digest(full):
-                    row.size, row.mtime_ns = st.st_size, st.st_mtime_ns
-                else:
-                    row = None
+            try:
+                st = os.stat(full)
+                row = known.get(item.relpath)
+                if row is not None and (row.size, row.mtime_ns) != (st.st_size, st.st_mtime_ns):
+                    # Touched but maybe not changed: the content hash decides.
+                    if row.sha1 == files.file_digest(full):
+                        row.size, row.mtime_ns = st.st_size, st.st_mtime_ns
+                    else:
+                        row = None
+            except FileNotFoundError:  # deleted since the data set was listed: skipped and listed
+                reused[split].append(store.Row(item.relpath, "", -1, -1, error=_DELETED))
+                continue
             if row is None:
                 todo[split].append((item.relpath, st))
             else:
                 reused[split].append(row)
     return reused, todo
+
+
+_DELETED = "deleted while this run was in progress (after the data set was listed)"
 
 
 def _loader(res: Resolved, cfg: FeaturesConfig, relpaths: List[str], views: int,
@@ -208,6 +221,8 @@ def _extract_split(model, res: Resolved, cfg: FeaturesConfig, entries: List[Tupl
             rel = relpaths[index]
             st = stats[rel]
             row = store.Row(rel, batch["sha1"][i], st.st_size, st.st_mtime_ns, error=batch["error"][i])
+            if row.error and not row.sha1:  # not even read (deleted, unreadable): tried again next run
+                row.size = row.mtime_ns = -1
             if not row.error:
                 j = ok.index(i)
                 row.feature = feats[j]

@@ -865,6 +865,102 @@ def test_finetune_killed_anywhere_resumes_bit_identical(point, kill_data, finetu
             "history.json", "last.pt", "metrics.json", "model.pt"]
 
 
+# =============================================================================== data changing during a run
+
+
+def _rows(path: str) -> Dict[str, tuple]:
+    """relpath -> (label, feature, sha1) of every cached image, plus relpath -> reason of skipped ones."""
+    meta = store.read_meta(path)
+    known = store.read_known_rows(path)
+    out = {}
+    for split in ("train", "val"):
+        feats, labels, paths, _ = store.read_split(path, split)
+        for feat, label, rel in zip(feats, labels, paths):
+            out[rel] = (int(label), feat, known[rel].sha1)
+    skipped = {s["path"]: s["reason"] for info in meta["splits"].values() for s in info["skipped"]}
+    return out, skipped
+
+
+def test_images_deleted_rewritten_and_added_during_extraction(kill_data, features_reference, tmp_path, monkeypatch,
+                                                              fast_weights):
+    """Deterministic hooks (no sleeps) change the data set at chosen moments of a `features` run."""
+    from pipeline import data as data_mod
+
+    root = tmp_path / "data"
+    shutil.copytree(kill_data, root)
+    ref, _ = _rows(features_reference)
+    deleted_early, deleted_late = "train/ants/img_000.jpg", "train/ants/img_001.jpg"
+    rewritten_early, rewritten_late = "train/bees/img_000.jpg", "train/bees/img_003.jpg"
+    added = "train/ants/added.jpg"
+    # What each changed file holds afterwards: the bytes of another image, whose features `ref` knows.
+    source = {rewritten_early: "val/ants/img_000.jpg", rewritten_late: "val/ants/img_001.jpg", added: "val/bees/img_000.jpg"}
+
+    def copy_over(rel):
+        (root / rel).write_bytes((root / source[rel]).read_bytes())
+
+    real_discover, real_getitem = data_mod.discover, data_mod.ExtractionDataset.__getitem__
+    reads: List[str] = []
+    gone = {"bytes": (root / deleted_late).read_bytes(), "stat": os.stat(root / deleted_late)}
+
+    def discover(*args, **kwargs):  # listed, then deleted before the plan looks at it
+        listed = real_discover(*args, **kwargs)
+        os.remove(root / deleted_early)
+        return listed
+
+    def getitem(self, index):
+        rel = self.relpaths[index]
+        if not reads:  # the first image the loader reads: change others before they are read
+            os.remove(root / deleted_late)
+            copy_over(rewritten_early)
+            copy_over(added)
+        if rel.startswith("val/") and rewritten_late in reads and not (root / rewritten_late).read_bytes() == (
+                root / source[rewritten_late]).read_bytes():
+            copy_over(rewritten_late)  # after it was read and stored in a batch
+        reads.append(rel)
+        return real_getitem(self, index)
+
+    cases = ["deleted after listing, before planning", "deleted before it was read",
+             "rewritten before it was read", "rewritten after it was read", "added during the run"]
+    with contextlib.ExitStack() as each:
+        for name in cases:
+            each.enter_context(faults.case("data changed during a run", f"features: an image {name}"))
+        with monkeypatch.context() as mp:
+            mp.setattr(data_mod, "discover", discover)
+            mp.setattr(data_mod.ExtractionDataset, "__getitem__", getitem)
+            first = features.run(_features_cfg(root, tmp_path / "c", batch_size=2))
+        assert rewritten_late in reads and reads.index(rewritten_late) < len(reads) - 1
+        rows, skipped = _rows(first.path)
+        # Deleted: skipped and listed (in the cache and the run's summary), never a crash.
+        assert set(skipped) == {deleted_early, deleted_late}, skipped
+        assert {s["path"] for s in first.skipped} == {deleted_early, deleted_late}
+        assert "deleted" in skipped[deleted_early] and "FileNotFoundError" in skipped[deleted_late]
+        # Rewritten before the read: the feature and the fingerprint are both of the new bytes.
+        label, feat, sha1 = rows[rewritten_early]
+        np.testing.assert_allclose(feat, ref[source[rewritten_early]][1], rtol=1e-5, atol=1e-5)
+        assert sha1 == ref[source[rewritten_early]][2]
+        # Rewritten after the read: the old feature under the old bytes' fingerprint (redone next run).
+        np.testing.assert_allclose(rows[rewritten_late][1], ref[rewritten_late][1], rtol=1e-5, atol=1e-5)
+        assert rows[rewritten_late][2] == ref[rewritten_late][2]
+        assert added not in rows
+
+        # A sync tool puts the deleted file back with its old size and mtime: it is read this time.
+        (root / deleted_late).write_bytes(gone["bytes"])
+        os.utime(root / deleted_late, ns=(gone["stat"].st_atime_ns, gone["stat"].st_mtime_ns))
+        second = features.run(_features_cfg(root, tmp_path / "c", batch_size=2))
+        assert second.computed == 3  # the image rewritten after its read, the one added, the one restored
+        rows, skipped = _rows(second.path)
+        assert not skipped
+        # Equal to a clean run on the data as it is now: every image's features are those of its bytes.
+        expected = {rel: v for rel, v in ref.items() if rel != deleted_early}
+        for rel, src in source.items():
+            expected[rel] = (0 if "/ants/" in rel else 1, *ref[src][1:])
+        assert sorted(rows) == sorted(expected)
+        for rel, (label, feat, sha1) in expected.items():
+            assert rows[rel][0] == label and rows[rel][2] == sha1, rel
+            np.testing.assert_allclose(rows[rel][1], feat, rtol=1e-5, atol=1e-5, err_msg=rel)
+        assert features.run(_features_cfg(root, tmp_path / "c", batch_size=2)).up_to_date
+
+
 # =============================================================================== concurrency
 
 
