@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ __all__ = [
     "run_name",
     "run_dir",
     "train_one_epoch",
+    "verify_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -466,8 +468,33 @@ def _evaluate(s: _Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.
 # --------------------------------------------------------------------------- files
 
 
-def _save_pt(obj: dict, path: str) -> None:
-    files.atomic_write(path, lambda fh: torch.save(obj, fh))
+def _save_pt(obj: dict, path: str) -> str:
+    """Save a checkpoint atomically; returns the sha256 of the bytes written."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    files.atomic_write(path, lambda fh: fh.write(data))
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_checkpoint(path: str, sha256: str) -> None:
+    """Refuse a checkpoint whose bytes are not the ones its run recorded (``torch.load`` loads
+    most damage silently: a flipped bit in a weight is still a valid file).
+
+    Raises
+    ------
+    UserError
+        The file is missing or its sha256 differs; the message names it and ``--rebuild``.
+    """
+    try:
+        got = files.file_digest(path, "sha256")
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path!r} is missing; restore it, or rerun with --rebuild to train this "
+                        "run again from the start") from None
+    if got != sha256:
+        raise UserError(f"checkpoint {path!r} does not match the sha256 its run recorded ({got[:12]}…, expected "
+                        f"{sha256[:12]}…): it was modified or damaged after saving; restore it, or rerun with "
+                        "--rebuild to train this run again from the start")
 
 
 def _save_json(obj: dict, path: str) -> None:
@@ -589,8 +616,20 @@ def _clear(directory: str) -> None:
 
 
 def _existing(directory: str, key: str, epochs: int) -> Tuple[Optional[dict], Optional[dict]]:
-    """(complete metrics, resumable checkpoint) of a previous run with the same settings."""
-    ckpt = _load_pt(os.path.join(directory, "last.pt"))
+    """(complete metrics, resumable checkpoint) of a previous run with the same settings.
+
+    A complete run's checkpoints are checked against the sha256 its record holds before they
+    are used; an unfinished run's ``model.pt`` (holdout selection) against the one ``last.pt`` holds.
+    """
+    last, model = os.path.join(directory, "last.pt"), os.path.join(directory, "model.pt")
+    try:
+        done = RunRecord.from_json(read_json(os.path.join(directory, "metrics.json")))
+    except (OSError, ValueError):  # missing, damaged or another schema: evaluated and written again
+        done = None
+    recorded = done.checkpoints if done is not None and done.key == key else {}
+    if recorded.get("last.pt") and os.path.isfile(last):
+        verify_checkpoint(last, recorded["last.pt"])
+    ckpt = _load_pt(last)
     if ckpt is None:
         _clear(directory)
         return None, None
@@ -603,12 +642,12 @@ def _existing(directory: str, key: str, epochs: int) -> Tuple[Optional[dict], Op
                  ckpt["epoch"], epochs)
         _clear(directory)
         return None, None
-    try:
-        done = RunRecord.from_json(read_json(os.path.join(directory, "metrics.json")))
-    except (OSError, ValueError):  # missing, damaged or another schema: evaluated and written again
-        done = None
     complete = bool(done and done.complete and done.key == key and done.epochs == epochs and ckpt["epoch"] == epochs)
-    if (ckpt["selected_epoch"] or complete) and _load_pt(os.path.join(directory, "model.pt")) is None:
+    if complete and recorded.get("model.pt"):
+        verify_checkpoint(model, recorded["model.pt"])
+    elif ckpt["selected_epoch"] and ckpt.get("model_sha256"):
+        _check_selected(model, ckpt)
+    if (ckpt["selected_epoch"] or complete) and _load_pt(model) is None:
         raise UserError(f"checkpoint {os.path.join(directory, 'model.pt')!r} is missing or not this "
                         "project's; restore it, or rerun with --rebuild to train this run again from the start")
     if complete:
@@ -618,6 +657,22 @@ def _existing(directory: str, key: str, epochs: int) -> Tuple[Optional[dict], Op
     if os.path.exists(path):
         os.remove(path)  # about to train further: the old result is no longer the run's
     return None, ckpt
+
+
+def _check_selected(path: str, ckpt: dict) -> None:
+    """An unfinished run's ``model.pt`` is the one ``last.pt`` recorded.
+
+    ``model.pt`` is saved before ``last.pt`` in an epoch, so a run killed between the two has
+    a ``model.pt`` of the epoch it redoes, newer than ``last.pt`` knows: that one is accepted
+    (and its sha256 taken), since redoing the epoch writes it again.
+    """
+    try:
+        verify_checkpoint(path, ckpt["model_sha256"])
+    except UserError:
+        newer = _load_pt(path) if os.path.isfile(path) else None
+        if newer is None or newer.get("epoch", 0) <= ckpt["epoch"]:
+            raise
+        ckpt["model_sha256"] = files.file_digest(path, "sha256")
 
 
 def _repair_history(directory: str, ckpt: dict) -> None:
@@ -671,7 +726,7 @@ def _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, 
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     loaders = _loaders(cfg, dataset.root, splits, seed, device, net)
     history: List[dict] = []
-    selected_score, selected_epoch, start = -1.0, 0, 0  # --select holdout:F only
+    selected_score, selected_epoch, start, model_sha = -1.0, 0, 0, ""  # --select holdout:F only
     if ckpt is not None:
         net.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -680,6 +735,7 @@ def _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, 
             scaler.load_state_dict(ckpt["scaler"])
         history, start = ckpt["history"], ckpt["epoch"]
         selected_score, selected_epoch = ckpt["selected_score"], ckpt["selected_epoch"]
+        model_sha = ckpt.get("model_sha256", "")
         _restore_rng(ckpt["rng"], loaders, device)
         _say(f"{name}: resuming after epoch {start} of {cfg.epochs} from {directory}/last.pt", cfg.progress)
     net.finalize(cfg.channels_last)
@@ -694,20 +750,20 @@ def _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, 
         # Selection looks at the held-out train images only; val_acc is never read here.
         if loaders.holdout is not None and history[-1]["holdout_acc"] > selected_score:
             selected_score, selected_epoch = history[-1]["holdout_acc"], epoch + 1
-            _save_pt(dict(meta, model=_cpu_state(net.model), epoch=selected_epoch, selected_on="holdout"),
-                     os.path.join(directory, "model.pt"))
+            model_sha = _save_pt(dict(meta, model=_cpu_state(net.model), epoch=selected_epoch,
+                                      selected_on="holdout"), os.path.join(directory, "model.pt"))
         _save_json({"epochs": history}, os.path.join(directory, "history.json"))
         _save_pt(dict(meta, model=_cpu_state(net.model), optimizer=optimizer.state_dict(),
                       scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                       epoch=epoch + 1, selected_score=selected_score, selected_epoch=selected_epoch,
-                      history=history, rng=_rng_state(loaders, device)),
+                      model_sha256=model_sha, history=history, rng=_rng_state(loaders, device)),
                  os.path.join(directory, "last.pt"))
     if loaders.holdout is None:  # the fixed schedule's result: the final epoch's model
         selected_epoch = len(history)
-        _save_pt(dict(meta, model=_cpu_state(net.model), epoch=selected_epoch, selected_on="final"),
-                 os.path.join(directory, "model.pt"))
+        model_sha = _save_pt(dict(meta, model=_cpu_state(net.model), epoch=selected_epoch, selected_on="final"),
+                             os.path.join(directory, "model.pt"))
     result = _finish(step, loaders, dataset, directory, meta, settings, history, selected_epoch, skipped,
-                     weights, device, precision, net, cfg, seed, splits)
+                     weights, device, precision, net, cfg, seed, splits, model_sha)
     return RunResult(name, directory, result, resumed_from=start)
 
 
@@ -755,9 +811,11 @@ def _selection(cfg: FinetuneConfig, selected_epoch: int, history: List[dict], sp
 
 
 def _finish(step, loaders, dataset, directory, meta, settings, history, selected_epoch, skipped, weights,
-            device, precision, net, cfg, seed, splits) -> RunRecord:
+            device, precision, net, cfg, seed, splits, model_sha: str) -> RunRecord:
     """Score the reported model (model.pt) once on val; write metrics.json (last: it marks the run complete)."""
     best_path = os.path.join(directory, "model.pt")
+    if model_sha:
+        verify_checkpoint(best_path, model_sha)
     net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     started = time.perf_counter()
     _, pred, proba = _evaluate(step, loaders.val)
@@ -796,6 +854,8 @@ def _finish(step, loaders, dataset, directory, meta, settings, history, selected
         versions=library_versions(*TORCH_STACK),
         size_bytes=os.path.getsize(best_path),
         checkpoint=os.path.basename(best_path),
+        checkpoints={name: files.file_digest(os.path.join(directory, name), "sha256")
+                     for name in ("model.pt", "last.pt")},
         skipped=skipped,
         key=meta["key"],
         settings=settings,

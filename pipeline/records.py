@@ -366,6 +366,9 @@ class RunRecord(_Record):
     best_val_note: str = "best epoch on val: chosen on val, optimistic"
     complete: bool = True
     checkpoint: str = "model.pt"  # the file in the run folder holding the model ``metrics`` describe
+    # sha256 of each checkpoint file in the run folder ({"model.pt": ..., "last.pt": ...}), checked
+    # before a checkpoint is used (finetune.verify_checkpoint); a mismatch names --rebuild.
+    checkpoints: Dict[str, str] = field(default_factory=dict)
     kind: str = "run"
     schema: str = "pipeline.run"
     schema_version: int = SCHEMA_VERSION

@@ -309,6 +309,9 @@ CHECKPOINT_CORRUPTIONS = {
     "last.pt garbage": ("last.pt", _garbage, True),
     "model.pt truncated, run complete": ("model.pt", lambda p: _truncate(p, 0.5), True),
     "model.pt deleted": ("model.pt", os.remove, True),
+    # A flipped bit in a weight still loads (torch.load checks no checksum): the sha256 catches it.
+    "last.pt one bit flipped, run complete": ("last.pt", lambda p: _flip(p), True),
+    "model.pt one bit flipped, run complete": ("model.pt", lambda p: _flip(p), True),
 }
 
 
@@ -337,6 +340,19 @@ def test_damaged_run_json_is_rewritten_from_the_checkpoints(name, copy, capsys, 
         want = _json(copy["pristine"]["run"] / "metrics.json")
         assert metrics["metrics"] == want["metrics"] and metrics["complete"]
         assert _json(copy["run"] / "history.json") == _json(copy["pristine"]["run"] / "history.json")
+
+
+def test_flipped_model_of_an_unfinished_holdout_run_is_refused(copy, capsys, fast_weights):
+    """Holdout selection: model.pt is an earlier epoch's, checked against the sha256 last.pt holds."""
+    with faults.case("corruptions", "run: model.pt one bit flipped, holdout run unfinished"):
+        argv = _finetune_cli(copy["data"], copy["cache"], "--select", "holdout:0.34")
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        run = copy["cache"] / "runs" / "fixed-holdout0.34"
+        os.remove(run / "metrics.json")
+        _flip(run / "model.pt")
+        kept = {p: (run / p).read_bytes() for p in os.listdir(run) if p.endswith((".pt", ".json"))}
+        _one_line_exit_2(capsys, argv, str(run / "model.pt"), "sha256", "--rebuild")
+        assert {p: (run / p).read_bytes() for p in kept} == kept
 
 
 def test_damaged_model_of_an_unfinished_run_is_rewritten_from_last_pt(copy, capsys, fast_weights):
