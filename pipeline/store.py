@@ -87,7 +87,7 @@ FORMAT = "pipeline.features"
 FORMAT_VERSION = 2  # 2: every data set carries a Fletcher-32 checksum
 _UNCHECKED_VERSION = 1  # still read, with a warning: no checksums
 FORMAT_SHARD = "pipeline.features.shard"
-HDF5_LIBVER = ("v110", "latest")  # HDF5 1.10 object headers, which carry checksums
+HDF5_LIBVER = ("v110", "v110")  # HDF5 1.10 object headers (with checksums), readable by HDF5 >= 1.10
 FEATURE_CHUNK_ROWS = 1024  # rows per chunk of <split>/features (2 MiB); the checksum is per chunk
 _ROWS_PER_CHUNK = {"features": FEATURE_CHUNK_ROWS, "views": 256}  # others: _COLUMN_CHUNK rows
 _COLUMN_CHUNK = 65536
