@@ -6,7 +6,10 @@ negative, NaN, garbage text, undecodable bytes). Values that would *legitimately
 work (many epochs, hundreds of loader processes, threads or views, all within the documented
 bounds) are left out; values beyond the bounds are in, since they must be refused.
 
-The fast suite runs a few derandomized examples per stage; ``make test-all`` runs many more.
+The fast suite runs a few derandomized examples per stage; ``make test-all`` runs many more,
+and a few per stage as real subprocesses (the exit status of the process itself, and its
+stderr), where an exception escaping ``main`` or a crash of the interpreter shows as it would
+for a user.
 """
 from __future__ import annotations
 
@@ -137,17 +140,27 @@ def command_lines(draw, stage: str, p: dict) -> list:
 STAGES = ("features", "heads", "finetune", "compare", "predict", "info")
 
 
+def _check_outcome(code: int, err: str) -> None:
+    """Exit 0, or exit 2 with exactly one ``error:`` line, the last one; never 1, never a traceback."""
+    assert "Traceback" not in err, err
+    assert code in (0, 2), (code, err)
+    if code == 2:
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+
+
 def _check(argv: list, capsys) -> None:
-    """Exit 0, or exit 2 with exactly one ``error:`` line; never 1, never a traceback."""
-    with faults.case("fuzzed command lines", " ".join(argv)):
+    with faults.case("fuzzed command lines (in process)", " ".join(argv)):
         capsys.readouterr()
         code = cli.main(argv)  # a bug raises here (the CLI lets it through to exit 1)
-        err = capsys.readouterr().err
-        assert "Traceback" not in err, err
-        assert code in (0, 2), (code, err)
-        if code == 2:
-            errors = [line for line in err.splitlines() if line.startswith("error: ")]
-            assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+        _check_outcome(code, capsys.readouterr().err)
+
+
+def _check_subprocess(argv: list) -> None:
+    with faults.case("fuzzed command lines (subprocess)", " ".join(argv)):
+        proc = faults.start(argv, preprocess=SMALL)
+        _out, err = proc.communicate(timeout=600)
+        _check_outcome(proc.returncode, err)
 
 
 _FAST = settings(max_examples=6, derandomize=True, deadline=None, database=None,
@@ -181,6 +194,21 @@ def test_fuzzed_options_never_crash_long(stage, project, capsys, no_figures):
     @given(command_lines(stage, project))
     def check(argv):
         _check(argv, capsys)
+
+    check()
+
+
+_SUBPROCESS = settings(max_examples=4, derandomize=True, deadline=None, database=None,
+                       suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES)
+def test_fuzzed_options_never_crash_as_a_real_subprocess(stage, project):
+    @_SUBPROCESS
+    @given(command_lines(stage, project))
+    def check(argv):
+        _check_subprocess(argv)
 
     check()
 
