@@ -290,7 +290,7 @@ def test_a_version_1_cache_is_read_with_a_note(tmp_path, monkeypatch):
     rows = [store.Row(f"train/a/{i}.jpg", f"{i:040x}", 1, 1, np.full(512, i, np.float32)) for i in range(4)]
     splits = {s: store.SplitRows(rows, [0, 1, 0, 1]) for s in ("train", "val")}
     path = str(tmp_path / "v1.h5")
-    monkeypatch.setattr(store, "library_versions", lambda: {})
+    monkeypatch.setattr(store, "library_versions", lambda *libraries: {})
     with monkeypatch.context() as mp:
         mp.setattr(store, "FORMAT_VERSION", 1)
         store.write_cache(path, {"old": True}, {}, ["a", "b"], splits)
