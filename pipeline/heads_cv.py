@@ -46,10 +46,13 @@ from scipy.linalg import cho_factor, cho_solve
 from scipy.special import expit
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-__all__ = ["TrainData", "Fold", "make_folds", "prepare_fold", "splitter", "cross_validate", "refine_values",
-           "ridge_path", "logistic_path", "l2svm_path"]
+from .errors import UserError
+
+__all__ = ["TrainData", "Fold", "Fitted", "make_folds", "prepare_fold", "splitter", "n_splits", "cross_validate",
+           "refine_values", "ridge_path", "logistic_path", "l2svm_path"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,17 @@ class TrainData:
     groups: np.ndarray
     n_images: int
     views: int
+
+
+@dataclass
+class Fitted:
+    """A head after CV and refit: the fitted ``Pipeline``, the CV record (see
+    :func:`cross_validate`), CV + refit seconds, and the refit's convergence warnings."""
+
+    model: Pipeline
+    cv: dict
+    seconds: float
+    notes: List[str]
 
 
 @dataclass
@@ -141,6 +155,17 @@ def _feature_basis(fold: Fold) -> None:
 
 def splitter(n_splits: int, seed: int) -> StratifiedKFold:
     return StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+
+
+def n_splits(labels: np.ndarray, classes: Sequence[str], wanted: int) -> int:
+    """``wanted`` folds, or fewer when a class has fewer train images; a class with fewer than
+    2 is a user error naming it."""
+    counts = np.bincount(labels, minlength=len(classes))
+    if counts.min() < 2:
+        missing = [classes[i] for i in np.flatnonzero(counts < 2)]
+        raise UserError(f"class(es) {missing} have fewer than 2 usable train images in the feature cache; "
+                        "cross-validation needs at least 2 per class: add images to those class folders")
+    return int(min(wanted, counts.min()))
 
 
 def make_folds(data: TrainData, n_splits: int, seed: int) -> List[Fold]:

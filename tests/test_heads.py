@@ -17,7 +17,7 @@ from sklearn.exceptions import InconsistentVersionWarning
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.svm import LinearSVC
 
-from pipeline import cli, heads, heads_cv, store
+from pipeline import cli, heads, heads_cv, heads_stream, store
 from pipeline.config import HeadsConfig
 from pipeline.errors import UserError
 from pipeline.records import WeightsRef
@@ -394,7 +394,7 @@ def test_out_of_core_batches_mix_classes_and_cover_every_row(tmp_path):
     """The cache is stored class by class; each partial_fit batch must still mix classes."""
     path = write_feature_cache(tmp_path / "sorted.h5", n_train=500, n_val=2, dim=8)
     seen, mixed = [], []
-    for X, y, rows in heads._stream_train(path, 1000, 128, np.random.default_rng(0)):
+    for X, y, rows in heads_stream.stream_train(path, 1000, 128, np.random.default_rng(0)):
         assert len(y) <= 128 + 16 and X.shape == (len(y), 8)
         np.testing.assert_array_equal(y, rows >= 500)  # row index i holds label i >= 500
         seen.extend(rows)
