@@ -5,6 +5,7 @@
     <cache>/features/<data>-<key12>.h5          a feature cache (its inside: store.py)
     <cache>/features/<data>-<key12>.h5.parts/   resume parts of an unfinished extraction
     <cache>/features/<data>-<key12>.h5.shards/  rank<r>-of-<w>-<tag>.h5 of a distributed run
+    <cache>/features/uptodate.json              the stamp of the last extraction (uptodate.py)
     <cache>/heads/<name>.joblib | .skops        a fitted head, and <name>.json its sidecar
     <cache>/runs/<run name>/                    an end-to-end run: best.pt, last.pt,
                                                 history.json, metrics.json
@@ -25,6 +26,7 @@ __all__ = [
     "parts_dir",
     "shards_dir",
     "shard_file",
+    "stamp_file",
     "heads_dir",
     "runs_dir",
     "run_dir",
@@ -55,6 +57,11 @@ def shards_dir(path: str) -> str:
 def shard_file(path: str, rank: int, world_size: int, tag: str) -> str:
     """Where rank ``rank`` of ``world_size`` writes its shard of the cache ``path``."""
     return os.path.join(shards_dir(path), f"rank{rank}-of-{world_size}-{tag}.h5")
+
+
+def stamp_file(cache: str) -> str:
+    """What the last extraction was asked and found: a rerun of the same command checks it first."""
+    return os.path.join(features_dir(cache), "uptodate.json")
 
 
 def heads_dir(cache: str) -> str:

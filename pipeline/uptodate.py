@@ -22,6 +22,7 @@ import socket
 from typing import Optional
 
 from . import config, files
+from .paths import stamp_file
 from .versions import __version__
 
 __all__ = ["stamp_file", "check", "snapshot", "record"]
@@ -29,10 +30,6 @@ __all__ = ["stamp_file", "check", "snapshot", "record"]
 _VERSIONED = ("torch", "torchvision", "pillow", "h5py")
 # Environment that changes what `--device auto` / `--precision auto` resolve to.
 _ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "PIPELINE_NATIVE_BF16", "TORCH_HOME")
-
-
-def stamp_file(cache: str) -> str:
-    return os.path.join(cache, "features", "uptodate.json")
 
 
 def _versions() -> dict:
