@@ -27,6 +27,7 @@ from scipy.linalg import LinAlgWarning
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from .heads import REGISTRY
 from .heads_cv import TrainData, cross_validate, make_folds
@@ -132,8 +133,6 @@ def heads_curve(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_v
         Subset ``s`` of size ``k`` is ``per_class_subset(y_train, k, (seed, s))``.
     ks : sizes to use (default :func:`sizes`)
     """
-    from threadpoolctl import threadpool_limits
-
     started = time.process_time()
     y_train, y_val = np.asarray(y_train), np.asarray(y_val)
     ks = list(ks) if ks is not None else sizes(y_train)

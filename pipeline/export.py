@@ -31,11 +31,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.linear_model._base import LinearClassifierMixin
+from sklearn.neighbors import NearestCentroid
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from . import backbone, data, files, images, store
+from . import backbone, data, files, heads, images, predict, store
 from .config import ONNX_OPSET, PREPROCESS, ExportConfig
 from .errors import UserError
+from .heads import REGISTRY
 from .onnx_client import FORMAT, OnnxClassifier
 from .records import RunRecord, read_json
 from .paths import export_dir, run_dir, runs_dir
@@ -100,8 +106,6 @@ def _compose(weight: np.ndarray, bias: np.ndarray, shift: np.ndarray, scale: np.
 
 def _linear_rule(est) -> Optional[str]:
     """The probability rule of a linear classifier, None if it has one we do not reproduce."""
-    from sklearn.linear_model import LogisticRegression, SGDClassifier
-
     if isinstance(est, LogisticRegression):
         return "softmax"  # binary: [1 - sigmoid(d), sigmoid(d)] == softmax([0, d])
     if isinstance(est, SGDClassifier):
@@ -112,9 +116,6 @@ def _linear_rule(est) -> Optional[str]:
 
 
 def _foldable(est) -> bool:
-    from sklearn.linear_model._base import LinearClassifierMixin
-    from sklearn.neighbors import NearestCentroid
-
     if isinstance(est, NearestCentroid):
         return est.metric == "euclidean"
     return isinstance(est, LinearClassifierMixin) and _linear_rule(est) is not None
@@ -122,8 +123,6 @@ def _foldable(est) -> bool:
 
 def exportable_heads() -> List[str]:
     """The registry's heads that fold into a linear layer (decided on their estimators' types)."""
-    from .heads import REGISTRY
-
     names = []
     for name, spec in REGISTRY.items():
         value = spec.grid[0] if spec.grid else None
@@ -146,10 +145,6 @@ def fold_head(model, name: str = "head") -> Folded:
         The estimator is not affine in the features (k-NN, nearest centroid with the
         Manhattan metric...), or the pipeline is not scaler + estimator.
     """
-    from sklearn.neighbors import NearestCentroid
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
     steps = model.steps if isinstance(model, Pipeline) else []
     if len(steps) != 2 or not isinstance(steps[0][1], StandardScaler):
         raise _not_exportable(f"head {name!r} (not a StandardScaler + estimator pipeline)")
@@ -292,8 +287,6 @@ def _sample(n: int, k: int) -> np.ndarray:
 
 
 def _head_source(cfg: ExportConfig) -> Source:
-    from . import heads, predict
-
     sidecar = predict.resolve_head(cfg.head, cfg.cache)
     head = heads.load_head(sidecar)
     rec = head.record

@@ -48,6 +48,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.parallel import Parallel, delayed
 
 from .errors import UserError
 
@@ -513,8 +514,6 @@ def _sweep(spec, folds: List[Fold], values: Sequence[float], seed: int, jobs: in
             sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
         warnings.simplefilter("always", ConvergenceWarning)
         if jobs > 1:
-            from sklearn.utils.parallel import Parallel, delayed
-
             out = Parallel(n_jobs=jobs, prefer="threads")(
                 delayed(_fold_scores)(spec, f, values, seed) for f in folds)
         else:
