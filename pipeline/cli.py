@@ -2,6 +2,9 @@
 
 Exit codes: 0 success; 2 a user error (one line, no traceback unless ``--debug``); 1 a bug;
 130 interrupted (rerun to resume).
+
+Each stage's module is imported by its handler, not at the top: the stages pull in torch or
+scikit-learn (seconds), which ``--help``, a bad option and an up-to-date rerun never need.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import sys
 import warnings
 from typing import Callable, Dict, List, Optional
 
-from . import config
+from . import config, uptodate
 from .config import SEED_RANGE
 from .errors import ParameterError, UserError
 
@@ -99,8 +102,6 @@ def _add_features(sub) -> None:
 
 
 def _run_features(args) -> None:
-    from . import uptodate
-
     cfg = _config(config.FeaturesConfig, args)
     summary = uptodate.check(cfg)  # an unchanged rerun: answered without torch
     if summary is not None:

@@ -83,3 +83,12 @@ def test_one_duration_formatter(seconds, table, axis):
     from pipeline.text import format_duration
 
     assert format_duration(seconds) == table and format_duration(seconds, compact=True) == axis
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.cli; print(sorted({'torch', 'sklearn', 'h5py'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
