@@ -9,7 +9,6 @@ list, and warns when the head was saved under other library versions.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
 import os
 import warnings
@@ -245,8 +244,7 @@ def _warn_versions(recorded: dict, name: str, caught: List[warnings.WarningMessa
         warnings.warn(InconsistentVersionWarning(estimator_name=f"head {name!r}",
                                                  current_sklearn_version=sklearn.__version__,
                                                  original_sklearn_version=original))
-    for lib in ("numpy", "scipy"):
-        current = importlib.import_module(lib).__version__
+    for lib, current in library_versions("numpy", "scipy").items():
         if recorded.get(lib) and recorded[lib].split(".")[0] != current.split(".")[0]:
             warnings.warn(f"head {name!r} was saved with {lib} {recorded[lib]}, this is {lib} {current}; "
                           "refit it with `python -m pipeline heads --rebuild` if predictions look wrong")
