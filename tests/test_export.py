@@ -91,7 +91,7 @@ def project(tmp_path_factory):
         for key, value in SMALL_PREPROCESS.items():
             mp.setitem(config.PREPROCESS, key, value)
         for name, classes, head_names in (("two", ("ants", "bees"), ("logistic", "knn")),
-                                          ("three", ("a", "b", "c"), ("ridge",))):
+                                          ("three", ("a", "b", "c"), ("ridge", "sgd_log"))):
             root = make_dataset(base / name / "data", n_train=6, n_val=3, classes=classes)
             cache = str(base / name / "cache")
             path = features.run(FeaturesConfig(data=str(root), cache=cache, weights="random", device="cpu",
@@ -163,6 +163,13 @@ def test_multiclass_ridge_head_has_logits_only_and_matches_predict_head(project,
     val = str(root / "val")
     _same(_predictions(["--model", str(out), val], capsys),
           _predictions(["--head", "ridge", "--cache", cache, "--device", "cpu", val], capsys))
+
+
+def test_multiclass_sgd_log_head_has_one_vs_rest_probabilities(project, tmp_path):
+    _, cache = project["three"]
+    result = export.run(ExportConfig(head="sgd_log", cache=cache, out=str(tmp_path / "s.onnx")))
+    _check(result, 9, ["logits", "probabilities"])  # ONNX Runtime within 1e-4 of SGDClassifier.predict_proba
+    assert "normalised" in result.doc["outputs"]["probabilities"]
 
 
 def test_finetuned_run_exports_and_runs_without_torch(project, tmp_path):
