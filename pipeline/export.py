@@ -40,7 +40,7 @@ from torch import nn
 
 from . import backbone, data, files, heads, images, predict, store
 from .config import ONNX_OPSET, PREPROCESS, ExportConfig
-from .errors import UserError
+from .errors import ParameterError, UserError
 from .heads import REGISTRY
 from .onnx_client import FORMAT, OnnxClassifier
 from .records import RunRecord, read_json
@@ -453,11 +453,6 @@ def _versions() -> Dict[str, str]:
     return library_versions(*TORCH_STACK, "onnx", "onnxruntime", "pipeline", "onnxscript")  # onnxscript: optional
 
 
-def _validate(cfg: ExportConfig) -> None:
-    if bool(cfg.head) == bool(cfg.run):
-        raise UserError("name one source: --head NAME (a saved head) or --run MODE[-SEED] (a finished run)")
-
-
 def _verify(path: str, source: Source, tolerance: float) -> dict:
     """Run the written file with ONNX Runtime on the check's images and compare with the source."""
     client = OnnxClassifier(path, device="cpu")
@@ -488,7 +483,9 @@ def _verify(path: str, source: Source, tolerance: float) -> dict:
 def run(cfg: ExportConfig) -> ExportResult:
     """Build, write and verify the ONNX file for ``cfg.head`` or ``cfg.run``; see the module doc."""
     started = time.perf_counter()
-    _validate(cfg)
+    if bool(cfg.head) == bool(cfg.run):  # here, not in ExportConfig: its defaults name neither
+        raise ParameterError("name one source: {head} NAME (a saved head) or {run} MODE[-SEED] (a finished run)",
+                             "head", "run")
     try:
         import onnx
     except ImportError:

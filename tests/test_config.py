@@ -65,3 +65,11 @@ def test_the_cli_names_the_option(capsys, argv, line):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and line in err, err
+
+
+def test_export_needs_exactly_one_source():
+    from pipeline import export
+
+    for cfg in (config.ExportConfig(), config.ExportConfig(head="logistic", run="finetune")):
+        with pytest.raises(ParameterError, match="name one source: head NAME .* or run MODE"):
+            export.run(cfg)
