@@ -29,6 +29,7 @@ from . import metrics as metrics_mod
 from .config import HEAD_FORMATS
 from .errors import UserError
 from .records import HeadRecord, SchemaError, read_json
+from .paths import head_sidecar
 from .versions import library_versions
 
 __all__ = ["Head", "load_head", "head_pipeline", "serialize", "save", "find_saved", "Saved", "versions", "FORMATS"]
@@ -82,7 +83,7 @@ def save(directory: str, record: HeadRecord, data: bytes) -> Saved:
     text = record.dumps().encode("utf-8")
     os.makedirs(directory, exist_ok=True)
     model_path = os.path.join(directory, record.model_file)
-    sidecar = os.path.join(directory, f"{record.name}.json")
+    sidecar = head_sidecar(directory, record.name)
     with FileLock(os.path.join(directory, ".lock")):
         files.remove_temporaries(directory)
         if os.path.exists(sidecar):
@@ -99,7 +100,7 @@ def save(directory: str, record: HeadRecord, data: bytes) -> Saved:
 def find_saved(directory: str, name: str, settings: dict) -> Optional[Saved]:
     """The head ``name`` saved under ``directory`` when it is complete, intact and was fitted
     with exactly ``settings``; None otherwise (missing, damaged, another schema: refit it)."""
-    sidecar = os.path.join(directory, f"{name}.json")
+    sidecar = head_sidecar(directory, name)
     try:
         record = HeadRecord.from_json(read_json(sidecar))
         model_path = os.path.join(directory, record.model_file)

@@ -7,8 +7,8 @@
     <cache>/features/<data>-<key12>.h5.shards/  rank<r>-of-<w>-<tag>.h5 of a distributed run
     <cache>/features/uptodate.json              the stamp of the last extraction (uptodate.py)
     <cache>/heads/<name>.joblib | .skops        a fitted head, and <name>.json its sidecar
-    <cache>/runs/<run name>/                    an end-to-end run: best.pt, last.pt,
-                                                history.json, metrics.json
+    <cache>/runs/<run name>/                    an end-to-end run: model.pt, last.pt,
+                                                history.json, metrics.json (finetune.py)
     <cache>/export/<kind>-<name>.onnx           an exported classifier (+ .json sidecar)
     <reports>/compare.md | .csv | .json         the comparison report (+ its figures)
 
@@ -28,6 +28,7 @@ __all__ = [
     "shard_file",
     "stamp_file",
     "heads_dir",
+    "head_sidecar",
     "runs_dir",
     "run_dir",
     "export_dir",
@@ -66,6 +67,11 @@ def stamp_file(cache: str) -> str:
 
 def heads_dir(cache: str) -> str:
     return os.path.join(cache, "heads")
+
+
+def head_sidecar(directory: str, name: str) -> str:
+    """The JSON sidecar of the head ``name`` saved in ``directory`` (usually :func:`heads_dir`)."""
+    return os.path.join(directory, f"{name}.json")
 
 
 def runs_dir(cache: str) -> str:

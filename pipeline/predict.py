@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import PRECISIONS, PREDICT_FORMATS, PredictConfig
 from .errors import UserError
-from .paths import heads_dir
+from .paths import head_sidecar, heads_dir
 from .text import format_table
 from .records import WeightsRef
 
@@ -75,7 +75,7 @@ def resolve_head(head: str, cache: str) -> str:
                         f"{_available(cache)}")
     if os.path.exists(head) or os.sep in head or head.endswith((".json", ".joblib", ".skops")):
         return head
-    sidecar = os.path.join(heads_dir(cache), f"{head}.json")
+    sidecar = head_sidecar(heads_dir(cache), head)
     if not os.path.exists(sidecar):
         raise UserError(f"no head {head!r} under {heads_dir(cache)!r}; {_available(cache)}")
     return sidecar

@@ -22,7 +22,7 @@ import socket
 from typing import Optional
 
 from . import config, files
-from .paths import stamp_file
+from .paths import features_dir, stamp_file
 from .versions import __version__
 
 __all__ = ["stamp_file", "check", "snapshot", "record"]
@@ -110,7 +110,7 @@ def check(cfg) -> Optional[str]:
     entry = _read(cfg.cache).get(_request(cfg))
     if not isinstance(entry, dict):
         return None
-    path = os.path.join(cfg.cache, "features", str(entry.get("file", "")))
+    path = os.path.join(features_dir(cfg.cache), str(entry.get("file", "")))
     if entry.get("cache") != _fingerprint(path) or entry.get("listing") != _listing(os.path.abspath(cfg.data)):
         return None
     if cfg.strict and entry.get("skipped"):
