@@ -78,8 +78,8 @@ def _common(p: argparse.ArgumentParser, defaults, *, device: bool = True, weight
     if device:
         p.add_argument("--device", default=defaults.device, help="auto | cpu | cuda | cuda:N (default: %(default)s)")
         p.add_argument("--precision", default=defaults.precision,
-                       help="auto | fp32 | bf16 | fp16; auto is bf16 where the device computes it natively (CUDA "
-                            "compute capability >= 8.0, a CPU with AVX512-BF16 or AMX-BF16), else fp16 on CUDA "
+                       help=f"{' | '.join(config.PRECISIONS)}; auto is bf16 where the device computes it "
+                            "natively (CUDA compute capability >= 8.0, a CPU with AVX512-BF16 or AMX-BF16), else fp16 on CUDA "
                             "and fp32 on CPU (default: %(default)s)")
     p.add_argument("--rebuild", action="store_true", help="discard existing results for these settings first")
 
@@ -179,7 +179,7 @@ def _seeds(text: str) -> tuple:
 def _add_finetune(sub) -> None:
     d = config.FinetuneConfig()
     p = sub.add_parser(
-        "finetune", help="train ResNet18 end to end: finetune | scratch | fixed | partial",
+        "finetune", help=f"train ResNet18 end to end: {' | '.join(config.MODES)}",
         description="End-to-end training with the reference protocol's defaults; outputs in "
                     "CACHE/runs/<run>/ (model.pt: the reported model; last.pt, history.json, metrics.json). "
                     "An interrupted run resumes from last.pt when rerun with the same settings.",
@@ -190,7 +190,7 @@ def _add_finetune(sub) -> None:
                         "init (ignores --weights); fixed: frozen backbone, fc only; partial: freeze the "
                         "layers before --trainable-from")
     p.add_argument("--trainable-from", default=d.trainable_from, metavar="LAYER",
-                   help="partial mode: first trainable stage, layer1 | layer2 | layer3 | layer4")
+                   help=f"partial mode: first trainable stage, {' | '.join(config.TRAINABLE_FROM)}")
     p.add_argument("--bn", default=d.bn,
                    help="frozen-eval: frozen layers' BatchNorm stays in eval mode (running statistics "
                         "fixed); train: the tutorial's model.train() everywhere (statistics drift)")
