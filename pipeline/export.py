@@ -373,6 +373,10 @@ def _run_source(cfg: ExportConfig) -> Source:
         raise UserError(f"{metrics_path!r} is unreadable ({exc}); rerun "
                         f"`python -m pipeline finetune --mode MODE --rebuild` for run {name!r}") from None
     checkpoint = os.path.join(directory, rec.checkpoint)
+    if rec.checkpoint in rec.checkpoints:  # the bytes the run recorded, before they are loaded
+        from .finetune import verify_checkpoint
+
+        verify_checkpoint(checkpoint, rec.checkpoints[rec.checkpoint])
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = ckpt["model"]

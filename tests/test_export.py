@@ -215,3 +215,16 @@ def test_a_model_that_disagrees_with_its_source_is_not_written(project, tmp_path
         assert os.listdir(tmp_path) == []
     finally:
         target.write_bytes(original)
+
+
+def test_a_run_checkpoint_changed_after_training_is_refused(project, tmp_path):
+    _, cache = project["two"]
+    checkpoint = Path(cache) / "runs" / "finetune" / "model.pt"
+    original = checkpoint.read_bytes()
+    try:
+        checkpoint.write_bytes(original + b"\0")
+        with pytest.raises(UserError, match="does not match"):
+            export.run(ExportConfig(run="finetune", cache=cache, out=str(tmp_path / "m.onnx")))
+        assert os.listdir(tmp_path) == []
+    finally:
+        checkpoint.write_bytes(original)
