@@ -56,7 +56,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=os.environ.get("BENCH_DATA", ""),
                    help="also time the suite on the cache `features` made for this data folder")
     p.add_argument("--cache", default="cache", help="cache folder, to resolve --data's feature cache")
-    p.add_argument("--weights", default="imagenet", help="weights, to resolve --data's feature cache")
+    p.add_argument("--weights", default="", help="weights, to resolve --data's feature cache (default: imagenet "
+                                                  "when torch's hub cache holds it, else random: not pretrained)")
     p.add_argument("--heads", default="", help="heads to time, comma list (default: the default suite)")
     p.add_argument("--repeats", type=int, default=1, help="suite runs per case; the fastest is shown")
     p.add_argument("--jobs", type=int, default=1, help="CV folds in parallel threads")
@@ -187,7 +188,10 @@ def scaling_table(args) -> list:
         from pipeline import heads
         from pipeline.config import HeadsConfig
 
-        features = heads.features_path(HeadsConfig(data=args.data, cache=args.cache, weights=args.weights))
+        from pipeline.backbone import imagenet_cache_file
+
+        weights = args.weights or ("imagenet" if os.path.isfile(imagenet_cache_file()) else "random")
+        features = heads.features_path(HeadsConfig(data=args.data, cache=args.cache, weights=weights))
     if features:
         from pipeline import store
 
