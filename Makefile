@@ -57,11 +57,8 @@ test: $(STAMP)  ## the test suite (fast part, ~5 minutes on 2 cores)
 test-all: $(STAMP)  ## every test, the slow fault-injection ones too
 	$(PY) -m pytest -q -m ''
 
-bench: $(STAMP)  ## benchmarks on DATA_DIR (or $$BENCH_DATA): features, heads, finetune, distributed
-	$(PY) bench/features.py $(DATA_OPT)
-	$(PY) bench/heads.py $(DATA_OPT)
-	$(PY) bench/finetune.py $(DATA_OPT)
-	$(PY) bench/distributed.py $(DATA_OPT)
+bench: $(STAMP)  ## every benchmark, one table of ratios against targets -> reports/bench.json (QUICK=1: minutes)
+	$(PY) bench/run.py $(DATA_OPT) $(if $(QUICK),--quick) $(if $(THREADS),--threads $(THREADS))
 
 clean:  ## remove generated caches and reports (keeps .venv)
 	rm -rf $(CACHE_DIR)/features $(CACHE_DIR)/heads $(CACHE_DIR)/runs reports
