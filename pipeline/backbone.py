@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.models import ResNet18_Weights, resnet18
 
 from .config import PRECISIONS
+from .data import seeded
 from .errors import UserError
 from .records import WeightsRef
 
@@ -117,8 +118,7 @@ def resolve_weights(spec: str, seed: int = 0) -> Weights:
     if spec == "imagenet":
         sd = _imagenet_state_dict()
     elif spec == "random":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):  # the CPU generator only: a caller's CUDA generators are left alone
             sd = resnet18(weights=None).state_dict()
     elif spec and (os.sep in spec or os.path.splitext(spec)[1] or os.path.exists(spec)):
         sd = _file_state_dict(spec)

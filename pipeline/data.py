@@ -1,13 +1,14 @@
 """Data-set discovery, robust image loading and the transforms (built from PREPROCESS)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import socket
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import torch
 from torchvision import transforms
@@ -26,6 +27,7 @@ __all__ = [
     "eval_transform",
     "train_transform",
     "describe_transforms",
+    "seeded",
     "ImageDataset",
     "ExtractionDataset",
     "collect_images",
@@ -172,6 +174,20 @@ def describe_transforms(views: int, draft: bool) -> dict:
     return desc
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with torch's CPU generator seeded by ``seed``, then restore its state.
+
+    Only the CPU generator: ``torch.manual_seed`` would also reseed every CUDA generator
+    (``torch.cuda.manual_seed_all``), and ``fork_rng(devices=[])`` restores the CPU one only,
+    so a caller's CUDA random streams would be reset. Transforms and module init draw from
+    the CPU generator.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        yield
+
+
 def view_seed(seed: int, relpath: str, k: int) -> int:
     """Seed of augmented view k of one image: fixed by path, independent of order or sharding."""
     return zlib.crc32(f"{seed}:{k}:{relpath}".encode("utf-8"))
@@ -230,8 +246,7 @@ class ExtractionDataset(torch.utils.data.Dataset):
             pil = decode_image(data, self.draft_size)
             image = self.eval_tf(pil)
             for k in range(self.views):
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(view_seed(self.seed, relpath, k))
+                with seeded(view_seed(self.seed, relpath, k)):
                     views[k] = self.train_tf(pil)
         except Exception as exc:  # a bad image is data, not a crash: report and move on
             sample["error"] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]

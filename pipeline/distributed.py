@@ -145,7 +145,8 @@ def session(ctx: Context, device: torch.device, timeout_s: float) -> Iterator[Co
 
     Backend: NCCL for a CUDA device, with gloo beside it for the small CPU objects the ranks
     exchange (``"cpu:gloo,cuda:nccl"``); gloo alone on CPU. ``timeout_s`` bounds every wait at
-    a meeting point. A process group the caller already initialised is used and left open.
+    a meeting point. A process group the caller already initialised is used and left open
+    (this rank's GPU is made the current device all the same).
     """
     if not ctx.is_distributed:
         yield ctx
@@ -157,6 +158,8 @@ def session(ctx: Context, device: torch.device, timeout_s: float) -> Iterator[Co
     if dist.is_initialized():
         if dist.get_world_size() != ctx.world_size:
             raise UserError(f"the process group has {dist.get_world_size()} ranks, WORLD_SIZE says {ctx.world_size}")
+        if device.type == "cuda":  # NCCL collectives run on the current device: this rank's GPU
+            torch.cuda.set_device(device)
         yield Context(ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size,
                       str(dist.get_backend()), timeout_s)
         return

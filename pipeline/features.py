@@ -25,11 +25,11 @@ import torch
 from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
-from . import backbone, data, distributed, files, store
-from .config import FEATURE_DIM, FeaturesConfig
+from . import backbone, data, distributed, extraction, files, paths, store
+from .config import FeaturesConfig
 from .errors import UserError
 
-__all__ = ["FeaturesResult", "Plan", "run", "resolve", "prepare", "share", "default_workers", "default_batch_size"]
+__all__ = ["FeaturesResult", "Plan", "run", "resolve", "prepare", "find_cache", "share"]
 
 log = logging.getLogger(__name__)
 
@@ -85,27 +85,12 @@ class Resolved:
     path: str
 
 
-def default_workers(device: torch.device, processes: int = 1) -> int:
-    """Loader processes: leave the cores to the forward pass on CPU, feed the GPU generously.
-
-    ``processes``: extraction processes sharing this machine (torchrun ranks per node).
-    """
-    cores = max(1, (os.cpu_count() or 1) // max(1, processes))
-    if device.type == "cuda":
-        return max(1, min(cores - 1, 12))
-    return max(1, min(cores // 2, 4))
-
-
-def default_batch_size(device: torch.device) -> int:
-    return 256 if device.type == "cuda" else 32
-
-
 def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resolved:
     """Discover the data, weights, device (unless given) and precision, and name the cache file."""
     if device is None:
         device = backbone.choose_device(cfg.device)
     precision = backbone.choose_precision(cfg.precision, device)
-    weights = backbone.resolve_weights(cfg.weights, cfg.seed)
+    weights = extraction.load_weights(cfg.weights, cfg.seed)
     dataset = data.discover(cfg.data)
     settings = {
         "backbone": backbone.BACKBONE,
@@ -118,6 +103,62 @@ def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resol
     }
     path = store.cache_file(cfg.cache, dataset.root, store.settings_key(settings))
     return Resolved(dataset, weights, device, precision, settings, path)
+
+
+def _request(cfg: FeaturesConfig, precision: str) -> str:
+    """The index key: every setting that names a cache, knowable without weights or images.
+
+    The weights are named by spec and seed, or by a file's path, size, mtime and inode (a
+    changed file names no cache until ``features`` has run with it).
+    """
+    request = {
+        "data_root": os.path.abspath(cfg.data),
+        "weights": list(extraction.weights_identity(cfg.weights, cfg.seed)),
+        "transform": data.describe_transforms(cfg.views, cfg.draft),
+        "precision": precision,
+        "view_seed": cfg.seed if cfg.views else None,
+        "format_version": store.FORMAT_VERSION,
+    }
+    return hashlib.sha256(json.dumps(request, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _read_index(cache: str) -> dict:
+    try:
+        with open(paths.features_index(cache), encoding="utf-8") as fh:
+            index = json.load(fh)
+        return index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
+        return {}  # no index (or a damaged one): `features` writes it again
+
+
+def _remember(cfg: FeaturesConfig, res: Resolved) -> None:
+    """Record in the index that ``res.path`` holds the features of ``cfg`` (atomic, locked)."""
+    path = paths.features_index(cfg.cache)
+    with FileLock(path + ".lock"):
+        index = _read_index(cfg.cache)
+        index[_request(cfg, res.precision)] = {
+            "file": os.path.basename(res.path), "weights_id": res.weights.id,
+            "weights_sha256": res.weights.sha256, "data_root": res.dataset.root}
+        text = json.dumps(index, indent=1, sort_keys=True)
+        files.atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def find_cache(cfg: FeaturesConfig) -> str:
+    """The cache file ``features`` made for ``cfg``, from its index: no weights read, no images listed.
+
+    Raises ``UserError`` naming `make features` when there is none for these settings.
+    """
+    device = backbone.choose_device(cfg.device)
+    precision = backbone.choose_precision(cfg.precision, device)
+    entry = _read_index(cfg.cache).get(_request(cfg, precision))
+    found = isinstance(entry, dict) and isinstance(entry.get("file"), str)
+    path = os.path.join(paths.features_dir(cfg.cache), entry["file"]) if found else ""
+    if not path or not os.path.isfile(path):
+        raise UserError(
+            f"no feature cache for these settings under {paths.features_dir(cfg.cache)!r}; run "
+            "`python -m pipeline features` with the same --data, --cache, --weights, --views and --precision "
+            "first (make heads does), or pass --features FILE")
+    return path
 
 
 def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[store.Row]], Dict[str, List[Tuple[str, os.stat_result]]]]:
@@ -156,77 +197,45 @@ def _plan(res: Resolved, known: Dict[str, store.Row]) -> Tuple[Dict[str, List[st
 _DELETED = "deleted while this run was in progress (after the data set was listed)"
 
 
-def _loader(res: Resolved, cfg: FeaturesConfig, relpaths: List[str], views: int,
-            processes: int = 1) -> torch.utils.data.DataLoader:
-    workers = default_workers(res.device, processes) if cfg.workers < 0 else cfg.workers
-    dataset = data.ExtractionDataset(res.dataset.root, relpaths, views=views, seed=cfg.seed, draft=cfg.draft)
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=cfg.batch_size or default_batch_size(res.device),
-        num_workers=workers,
-        pin_memory=res.device.type == "cuda",
-        prefetch_factor=4 if workers else None,
-    )
-
-
-def _forward(model, images: torch.Tensor, res: Resolved, channels_last: bool) -> torch.Tensor:
-    x = images.to(res.device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with backbone.autocast(res.device, res.precision):
-        return model(x).float()
-
-
 def _extract(res: Resolved, cfg: FeaturesConfig, todo: Dict[str, List[Tuple[str, os.stat_result]]],
              parts: str, ctx: distributed.Context = distributed.Context()) -> List[str]:
     """Forward every image in ``todo``, saving one atomic part per batch. Returns the part files."""
     total = sum(len(v) for v in todo.values())
     if not total:
         return []
-    model = backbone.feature_extractor(res.weights, res.device, cfg.channels_last)
+    engine = extraction.Extractor(res.weights, res.device, res.precision, cfg.batch_size, cfg.workers,
+                                  cfg.channels_last, processes=ctx.local_world_size)
     desc = f"features rank 0/{ctx.world_size}" if ctx.is_distributed else "features"
     bar = tqdm(total=total, unit="img", desc=desc, disable=not (cfg.progress and ctx.is_primary),
                dynamic_ncols=True)
     written: List[str] = []
     tag = f"rank{ctx.rank}-of-{ctx.world_size}-" if ctx.is_distributed else ""
-    with torch.inference_mode():
-        for split, entries in todo.items():
-            if entries:
-                # Augmented views are a training aid: only the train split gets them.
-                written += _extract_split(model, res, cfg, entries, cfg.views if split == "train" else 0,
-                                          parts, bar, tag, ctx.local_world_size)
+    for split, entries in todo.items():
+        if entries:
+            # Augmented views are a training aid: only the train split gets them.
+            written += _extract_split(engine, res, cfg, entries, cfg.views if split == "train" else 0,
+                                      parts, bar, tag)
     bar.close()
     return written
 
 
-def _extract_split(model, res: Resolved, cfg: FeaturesConfig, entries: List[Tuple[str, os.stat_result]],
-                   n_views: int, parts: str, bar, tag: str = "", processes: int = 1) -> List[str]:
+def _extract_split(engine: extraction.Extractor, res: Resolved, cfg: FeaturesConfig,
+                   entries: List[Tuple[str, os.stat_result]], n_views: int, parts: str, bar,
+                   tag: str = "") -> List[str]:
     relpaths = [rel for rel, _ in entries]
     stats = dict(entries)
     written = []
-    for batch in _loader(res, cfg, relpaths, n_views, processes):
-        ok = [i for i, err in enumerate(batch["error"]) if not err]
-        feats = views = None
-        if ok:
-            sel = torch.tensor(ok)
-            images = batch["image"][sel]
-            if n_views:
-                images = torch.cat([images, batch["views"][sel].flatten(0, 1)])
-            out = _forward(model, images, res, cfg.channels_last).cpu().numpy()
-            feats = out[: len(ok)]
-            if n_views:
-                views = out[len(ok):].reshape(len(ok), n_views, FEATURE_DIM)
+    for batch in engine.batches(res.dataset.root, relpaths, n_views, cfg.seed, cfg.draft):
         rows = []
-        for i, index in enumerate(batch["index"].tolist()):
+        for j, index in enumerate(batch.index):
             rel = relpaths[index]
             st = stats[rel]
-            row = store.Row(rel, batch["sha1"][i], st.st_size, st.st_mtime_ns, error=batch["error"][i])
+            row = store.Row(rel, batch.sha1[j], st.st_size, st.st_mtime_ns, error=batch.error[j])
             if row.error and not row.sha1:  # not even read (deleted, unreadable): tried again next run
                 row.size = row.mtime_ns = -1
             if not row.error:
-                j = ok.index(i)
-                row.feature = feats[j]
-                row.views = None if views is None else views[j]
+                row.feature = batch.features[j]
+                row.views = None if batch.views is None else batch.views[j]
             elif cfg.strict:
                 raise UserError(f"cannot decode {os.path.join(res.dataset.root, rel)!r} ({row.error}); "
                                 "remove or fix the file, or drop --strict to skip it")
@@ -352,7 +361,10 @@ def run(cfg: FeaturesConfig) -> FeaturesResult:
     """
     ctx = distributed.from_env()
     if not ctx.is_distributed:
-        return _run_local(cfg, resolve(cfg))
+        res = resolve(cfg)
+        result = _run_local(cfg, res)
+        _remember(cfg, res)
+        return result
     device = backbone.choose_device(distributed.device_spec(cfg.device, ctx))
     with distributed.session(ctx, device, cfg.dist_timeout) as ctx:
         return _run_distributed(cfg, ctx, device)
@@ -459,6 +471,7 @@ def _run_distributed(cfg: FeaturesConfig, ctx: distributed.Context, device: torc
             if not ctx.is_primary:
                 return _secondary(res, ctx)
             _remove_work_files(res.path)  # left by a run killed after its rename
+            _remember(cfg, res)
             return _result(res, store.read_meta(res.path), 0, 0.0, up_to_date=True, processes=ctx.world_size)
         start = time.perf_counter()
         info, error = None, None
@@ -473,5 +486,6 @@ def _run_distributed(cfg: FeaturesConfig, ctx: distributed.Context, device: torc
                                 run=ctx.is_primary)
     if not ctx.is_primary:
         return _secondary(res, ctx)
+    _remember(cfg, res)
     result.timings = {"plan": start - begin, "extract": seconds, "write": time.perf_counter() - extracted}
     return result

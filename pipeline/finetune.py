@@ -43,11 +43,11 @@ from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import backbone, data, files, metrics, paths, splits as subsets, store
+from . import backbone, data, extraction, files, metrics, paths, splits as subsets, store
 from .config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_select
 from .errors import UserError
+from .extraction import default_batch_size, default_workers
 from .records import RunRecord, read_json
-from .features import default_batch_size, default_workers
 from .versions import TORCH_STACK, library_versions
 
 __all__ = [
@@ -278,8 +278,7 @@ def _initial_weights(cfg: FinetuneConfig, seed: int) -> backbone.Weights:
 
 def _build(weights: backbone.Weights, classes: List[str], cfg: FinetuneConfig, seed: int,
            device: torch.device) -> _Net:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the new fc layer's init
+    with data.seeded(seed):  # the new fc layer's init
         model = backbone.build_model(weights, num_classes=len(classes))
     model = model.to(device)
     if cfg.channels_last:
@@ -318,8 +317,7 @@ class _AugmentedDataset(data.ImageDataset):
 
     def __getitem__(self, key):
         index, aug_seed = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(aug_seed)
+        with data.seeded(aug_seed):
             return super().__getitem__(index)
 
 
@@ -538,8 +536,9 @@ def _rng_state(loaders: _Loaders, device: torch.device) -> dict:
         "loader_generator": loaders.generator.get_state(),
         "sampler": {"seed": loaders.sampler.seed, "epoch": loaders.sampler.epoch},
     }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    # No CUDA generator state: nothing here draws from it (augmentation, shuffling and init
+    # are CPU generators), and torch.cuda.set_rng_state_all would fail on a resume that sees
+    # fewer GPUs than the run that saved it.
     return state
 
 
@@ -550,8 +549,7 @@ def _restore_rng(state: dict, loaders: _Loaders, device: torch.device) -> None:
                          npst["has_gauss"], npst["cached_gaussian"]))
     random.setstate(state["python"])
     loaders.generator.set_state(state["loader_generator"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # A "cuda" entry (checkpoints of earlier versions) is ignored: see _rng_state.
 
 
 def _items_digest(root: str, items: Sequence[data.Item]) -> str:
@@ -710,8 +708,9 @@ def _run_one(cfg: FinetuneConfig, seed: int, dataset: data.DataSet, splits: Dict
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, skipped,
-                          device, precision, ckpt)
+            with extraction.out_of_memory_hint(device, cfg.batch_size), extraction.exact_fp32(device, precision):
+                return _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, skipped,
+                              device, precision, ckpt)
         finally:
             torch.set_num_threads(previous)
 

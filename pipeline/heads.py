@@ -258,15 +258,10 @@ def features_path(cfg: HeadsConfig) -> str:
     from . import features
     from .config import FeaturesConfig
 
-    path = features.resolve(FeaturesConfig(
+    # From the features stage's index: no weights loaded, no image folder listed.
+    return features.find_cache(FeaturesConfig(
         data=cfg.data, cache=cfg.cache, weights=cfg.weights, device=cfg.device, precision=cfg.precision,
-        views=cfg.views, seed=cfg.seed)).path
-    if not os.path.isfile(path):
-        raise UserError(
-            f"no feature cache for these settings ({path!r} does not exist); run `python -m pipeline features` "
-            "with the same --data, --cache, --weights, --views and --precision first (make heads does), "
-            "or pass --features FILE")
-    return path
+        views=cfg.views, seed=cfg.seed))
 
 
 def _chosen_heads(cfg: HeadsConfig) -> Tuple[str, ...]:

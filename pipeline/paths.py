@@ -6,6 +6,8 @@
     <cache>/features/<data>-<key12>.h5.parts/   resume parts of an unfinished extraction
     <cache>/features/<data>-<key12>.h5.shards/  rank<r>-of-<w>-<tag>.h5 of a distributed run
     <cache>/features/uptodate.json              the stamp of the last extraction (uptodate.py)
+    <cache>/features/index.json                 which cache file holds which settings (features
+                                                writes it, heads reads it)
     <cache>/heads/<name>.joblib | .skops        a fitted head, and <name>.json its sidecar
     <cache>/runs/<run name>/                    an end-to-end run: model.pt, last.pt,
                                                 history.json, metrics.json (finetune.py)
@@ -23,6 +25,7 @@ from typing import Dict
 __all__ = [
     "features_dir",
     "cache_file",
+    "features_index",
     "parts_dir",
     "shards_dir",
     "shard_file",
@@ -38,6 +41,11 @@ __all__ = [
 
 def features_dir(cache: str) -> str:
     return os.path.join(cache, "features")
+
+
+def features_index(cache: str) -> str:
+    """The features stage's index: settings (without weights or images) -> cache file name."""
+    return os.path.join(features_dir(cache), "index.json")
 
 
 def cache_file(cache: str, data_root: str, key: str) -> str:

@@ -2,55 +2,44 @@
 
 >>> from sklearn.pipeline import make_pipeline
 >>> from sklearn.linear_model import LogisticRegression
->>> model = make_pipeline(ResNet18Features(weights="random"), LogisticRegression())  # doctest: +SKIP
->>> model.fit(train_paths, train_labels).predict(new_paths)                            # doctest: +SKIP
+>>> model = make_pipeline(ResNet18Features(weights="random", memory="cache/joblib"),
+...                       LogisticRegression())                                   # doctest: +SKIP
+>>> model.fit(train_paths, train_labels).predict(new_paths)                       # doctest: +SKIP
 
-The network never runs twice over the same image content and settings in one process (a
-bounded in-memory memo keyed by the file's sha1, the weights' sha256, precision and
-transform), and a matching feature cache (``cache=``) is read instead of recomputing. The
-estimator itself holds only its parameters and a few strings, so it pickles and clones
-cheaply; the network is rebuilt from ``weights`` when needed and its sha256 is checked.
+The estimator's state is its parameters plus a few fitted strings (``weights_sha256_``...):
+no module-level caches. ``memory=`` (as in scikit-learn's ``Pipeline``) remembers features
+per image content and settings, so cross-validation over paths runs the network once per
+image; a matching feature cache (``cache=``) is read instead of recomputing. The network is
+rebuilt from ``weights`` when needed (resolved and checked once per process by
+:func:`pipeline.extraction.load_weights`) and is never pickled.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import re
-import threading
-from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils.validation import check_is_fitted, check_memory
 
+from . import backbone, data, extraction, paths, store
 from .config import FEATURE_DIM
-from . import paths
+from .errors import UserError
 from .files import file_digest
 
-__all__ = ["ResNet18Features", "clear_memory"]
+__all__ = ["ResNet18Features"]
 
-_MEMO_MAX = 20000  # features kept in memory (2 KiB each: about 40 MiB)
-_LOCK = threading.RLock()
-_WEIGHTS: "OrderedDict[tuple, object]" = OrderedDict()
-_MODELS: "OrderedDict[tuple, object]" = OrderedDict()
-_MEMO: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
-_CACHE_INDEX: Dict[tuple, Dict[str, np.ndarray]] = {}
 _BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # noise in PIL's messages
+_RUNTIME = ("_network", "_cache_indexes")  # rebuilt where the transformer runs; never pickled
 
 
-def clear_memory() -> None:
-    """Forget memoised weights, networks, features and cache indexes (frees memory)."""
-    with _LOCK:
-        for d in (_WEIGHTS, _MODELS, _MEMO, _CACHE_INDEX):
-            d.clear()
-
-
-def _put(d: OrderedDict, key, value, limit: int) -> None:
-    d[key] = value
-    d.move_to_end(key)
-    while len(d) > limit:
-        d.popitem(last=False)
+def _remembered(key: str, feature: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+    """The feature stored under ``key`` (``memory.cache`` ignores ``feature`` when it looks up)."""
+    return feature
 
 
 class ResNet18Features(TransformerMixin, BaseEstimator):
@@ -77,6 +66,11 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         Folder that relative image paths are relative to (default: the working directory).
     draft : bool, default=True
         Decode large JPEGs at reduced scale when it is safe (as ``features`` does by default).
+    memory : None, str or object with the joblib.Memory interface, default=None
+        Where features are remembered, keyed by each file's content (sha1) and the settings
+        that shape a feature (weights sha256, precision, transform): a folder path or a
+        ``joblib.Memory``. Clones share it, so cross-validation and grid searches over image
+        paths run the network once per image. ``None``: nothing is remembered between calls.
 
     Attributes
     ----------
@@ -87,7 +81,11 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
     pretrained_ : bool
         False for random weights: features then carry no transfer learning.
     device_ : str
+        Where ``fit`` resolved ``device``. ``transform`` resolves ``device`` (and ``precision``)
+        again on the machine it runs on, so a transformer fitted with ``device="auto"`` on a GPU
+        and unpickled on a CPU-only machine runs on the CPU.
     precision_ : str
+        Where ``fit`` resolved ``precision``.
 
     Notes
     -----
@@ -97,7 +95,8 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, weights: str = "imagenet", seed: int = 0, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 0, cache: Optional[str] = None, root: Optional[str] = None, draft: bool = True):
+                 batch_size: int = 0, cache: Optional[str] = None, root: Optional[str] = None, draft: bool = True,
+                 memory=None):
         self.weights = weights
         self.seed = seed
         self.device = device
@@ -106,6 +105,7 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         self.cache = cache
         self.root = root
         self.draft = draft
+        self.memory = memory
 
     # ------------------------------------------------------------------ scikit-learn API
 
@@ -122,24 +122,20 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         -------
         self : ResNet18Features
         """
-        from . import backbone
-        from .errors import UserError
-
         self._paths(X)
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 0:
             raise ValueError(f"batch_size={self.batch_size!r}. Only integers >= 0 are supported (0: automatic).")
         self._cache_files()  # validates ``cache``
-        weights = self._resolve_weights()
-        try:
-            device = backbone.choose_device(self.device)
-            precision = backbone.choose_precision(self.precision, device)
-        except UserError as exc:
-            raise ValueError(str(exc)) from None
+        check_memory(self.memory)  # validates ``memory``
+        weights = self._weights()
+        device, precision = self._device_precision()
         self.weights_id_ = weights.id
         self.weights_sha256_ = weights.sha256
         self.pretrained_ = bool(weights.pretrained)
         self.device_ = str(device)
         self.precision_ = precision
+        for name in _RUNTIME:
+            self.__dict__.pop(name, None)
         return self
 
     def transform(self, X) -> np.ndarray:
@@ -188,6 +184,8 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         errors : list of (path, reason)
         """
         check_is_fitted(self, "weights_sha256_")
+        device, precision = self._device_precision()
+        settings = self._settings_key(precision)
         full = [self._full(p) for p in paths]
         out: List[Optional[np.ndarray]] = [None] * len(full)
         errors: Dict[int, str] = {}
@@ -197,56 +195,38 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
                 sha1[i] = file_digest(path)
             except OSError as exc:
                 errors[i] = f"{type(exc).__name__}: {exc.strerror or exc}"
-        index = self._cache_index()
+        remembered = check_memory(self.memory).cache(_remembered, ignore=["feature"])
+        index = self._cache_index(precision)
         todo = []
-        with _LOCK:
-            for i, digest in sha1.items():
-                hit = _MEMO.get(self._memo_key(digest))
-                if hit is None:
-                    hit = index.get(digest)
-                if hit is None:
-                    todo.append(i)
-                else:
-                    out[i] = hit
+        for i, digest in sha1.items():
+            key = f"{settings}:{digest}"
+            if remembered.check_call_in_cache(key):
+                out[i] = remembered(key)
+            elif digest in index:
+                out[i] = index[digest]
+            else:
+                todo.append(i)
         if todo:
-            for i, feature, error in self._compute([full[i] for i in todo], todo):
-                if error:
-                    errors[i] = _BUFFER_REPR.sub("", error)
-                else:
-                    out[i] = feature
-                    with _LOCK:
-                        _put(_MEMO, self._memo_key(sha1[i]), feature, _MEMO_MAX)
+            engine = self._extractor(device, precision)
+            for batch in engine.batches("", [full[i] for i in todo], draft=self.draft):
+                for j, k in enumerate(batch.index):
+                    i = todo[k]
+                    if batch.error[j]:
+                        errors[i] = _BUFFER_REPR.sub("", batch.error[j])
+                    else:
+                        out[i] = batch.features[j].copy()
+                        remembered(f"{settings}:{batch.sha1[j]}", feature=out[i])
         ok = np.asarray([i for i in range(len(full)) if out[i] is not None], dtype=np.int64)
         feats = np.stack([out[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, FEATURE_DIM), np.float32)
         return feats, ok, [(full[i], errors[i]) for i in sorted(errors)]
 
-    def _compute(self, paths: List[str], ids: List[int]):
-        """Yield ``(id, feature, error)`` for each path: batched forward passes."""
-        import torch
+    # ------------------------------------------------------------------ pickling
 
-        from . import backbone, data
-
-        model, device = self._model()
-        dataset = data.ExtractionDataset("", paths, draft=self.draft)
-        # Loader processes pay off only for many images on a machine with cores to spare.
-        workers = 0 if len(paths) < 64 or (os.cpu_count() or 1) < 4 else 2
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=self.batch_size or (256 if device.type == "cuda" else 32),
-            num_workers=workers, pin_memory=device.type == "cuda")
-        with torch.inference_mode():
-            for batch in loader:
-                good = [j for j, err in enumerate(batch["error"]) if not err]
-                feats = None
-                if good:
-                    x = batch["image"][torch.tensor(good)].to(device, non_blocking=True)
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    with backbone.autocast(device, self.precision_):
-                        feats = model(x).float().cpu().numpy()
-                for j, k in enumerate(batch["index"].tolist()):
-                    if batch["error"][j]:
-                        yield ids[k], None, batch["error"][j]
-                    else:
-                        yield ids[k], feats[good.index(j)], ""
+    def __getstate__(self):
+        state = super().__getstate__()
+        for name in _RUNTIME:
+            state.pop(name, None)
+        return state
 
     # ------------------------------------------------------------------ helpers
 
@@ -271,46 +251,40 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
     def _full(self, path: str) -> str:
         return path if os.path.isabs(path) or not self.root else os.path.join(self.root, path)
 
-    def _memo_key(self, sha1: str) -> tuple:
-        return (self.weights_sha256_, self.precision_, bool(self.draft), sha1)
-
-    def _resolve_weights(self):
-        """The weights for ``self.weights``, memoised per process (files: by size and mtime)."""
-        from . import backbone
-        from .errors import UserError
-
-        key: tuple = (self.weights, self.seed)
-        if self.weights not in ("imagenet", "random") and os.path.isfile(self.weights):
-            st = os.stat(self.weights)
-            key += (os.path.abspath(self.weights), st.st_size, st.st_mtime_ns)
-        with _LOCK:
-            if key in _WEIGHTS:
-                return _WEIGHTS[key]
+    def _weights(self) -> backbone.Weights:
         try:
-            weights = backbone.resolve_weights(self.weights, self.seed)
+            return extraction.load_weights(self.weights, self.seed)
         except UserError as exc:
             raise ValueError(f"weights={self.weights!r}: {exc}") from None
-        with _LOCK:
-            _put(_WEIGHTS, key, weights, 2)
-        return weights
 
-    def _model(self):
-        from . import backbone
+    def _device_precision(self) -> Tuple["object", str]:
+        """``device`` and ``precision`` resolved here and now ("auto": what this machine has)."""
+        try:
+            device = backbone.choose_device(self.device)
+            return device, backbone.choose_precision(self.precision, device)
+        except UserError as exc:
+            raise ValueError(f"device={self.device!r}, precision={self.precision!r}: {exc}") from None
 
-        device = backbone.choose_device(self.device_)
-        key = (self.weights_sha256_, str(device))
-        with _LOCK:
-            if key in _MODELS:
-                return _MODELS[key], device
-        weights = self._resolve_weights()
+    def _settings_key(self, precision: str) -> str:
+        """Everything besides the image that shapes a feature, as a short digest."""
+        settings = {"backbone": backbone.BACKBONE, "weights_sha256": self.weights_sha256_, "precision": precision,
+                    "transform": data.describe_transforms(0, bool(self.draft))}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:32]
+
+    def _extractor(self, device, precision: str) -> extraction.Extractor:
+        """The network on ``device``, built once per instance (and never pickled)."""
+        key = (self.weights_sha256_, str(device), precision, int(self.batch_size))
+        cached = self.__dict__.get("_network")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weights = self._weights()
         if weights.sha256 != self.weights_sha256_:
             raise ValueError(
                 f"weights={self.weights!r} now resolve to sha256 {weights.sha256[:12]}…, but this transformer "
                 f"was fitted with {self.weights_sha256_[:12]}… ({self.weights_id_}); refit it or restore the weights")
-        model = backbone.feature_extractor(weights, device, channels_last=True)
-        with _LOCK:
-            _put(_MODELS, key, model, 2)
-        return model, device
+        engine = extraction.Extractor(weights, device, precision, int(self.batch_size))
+        self.__dict__["_network"] = (key, engine)
+        return engine
 
     def _cache_files(self) -> List[str]:
         if not self.cache:
@@ -323,34 +297,32 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         raise ValueError(f"cache={self.cache!r} does not exist. Only a feature cache file (.h5), a cache folder "
                          "or None is supported.")
 
-    def _cache_index(self) -> Dict[str, np.ndarray]:
-        """sha1 -> feature over every cache file made with these weights, precision and transform."""
-        from . import data, store
-        from .errors import UserError
+    def _cache_index(self, precision: str) -> Dict[str, np.ndarray]:
+        """sha1 -> feature over every cache file made with these weights, precision and transform.
 
+        Read once per file version per instance (kept with the network, never pickled).
+        """
+        indexes = self.__dict__.setdefault("_cache_indexes", {})
         index: Dict[str, np.ndarray] = {}
         want = data.describe_transforms(0, self.draft)
         for path in self._cache_files():
             st = os.stat(path)
-            key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, self.weights_sha256_, self.precision_,
+            key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, self.weights_sha256_, precision,
                    bool(self.draft))
-            with _LOCK:
-                cached = _CACHE_INDEX.get(key)
-            if cached is None:
+            if key not in indexes:
+                found: Dict[str, np.ndarray] = {}
                 try:
                     meta = store.read_meta(path)
-                    cached = {}
                     transform = meta.get("transform") or {}
-                    if (meta.get("weights_sha256") == self.weights_sha256_ and meta.get("precision") == self.precision_
+                    if (meta.get("weights_sha256") == self.weights_sha256_ and meta.get("precision") == precision
                             and transform.get("eval") == want["eval"]
                             and transform.get("draft_jpeg_min_side") == want["draft_jpeg_min_side"]):
-                        cached = {row.sha1: row.feature for row in store.read_known_rows(path).values()
-                                  if row.feature is not None}
+                        found = {row.sha1: row.feature for row in store.read_known_rows(path).values()
+                                 if row.feature is not None}
                 except store.DamagedCacheError:
                     raise  # never silently recompute around damage: the user should know (and --rebuild)
                 except UserError:  # not a cache of this project
-                    cached = {}
-                with _LOCK:
-                    _CACHE_INDEX[key] = cached
-            index.update(cached)
+                    pass
+                indexes[key] = found
+            index.update(indexes[key])
         return index

@@ -125,7 +125,24 @@ def test_resume_ends_bit_identical_to_an_uninterrupted_run(tiny_data, tmp_path, 
     # 1 epoch, then asked for 2: resumes from last.pt (here with a loader process).
     first = finetune.run(_cfg(tiny_data, tmp_path / "b", epochs=1)).runs[0]
     assert first.metrics["epochs"] == 1
+    # Issue 16.3: no CUDA generator state is saved or restored (nothing draws from it), so a
+    # checkpoint written with 8 GPUs, even one of an earlier version that holds their states,
+    # resumes where fewer are visible.
+    last = os.path.join(first.path, "last.pt")
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert "cuda" not in ckpt["rng"]
+    ckpt["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 8
+    torch.save(ckpt, last)
+
+    def no_cuda_rng(*args):
+        raise IndexError("device ordinal out of range")
+
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", no_cuda_rng)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_cuda_rng)
+    reseeded = []  # 16.7: seeding leaves this process's CUDA generators alone (loader workers are apart)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(os.getpid()))
     resumed = finetune.run(_cfg(tiny_data, tmp_path / "b", workers=1)).runs[0]
+    assert os.getpid() not in reseeded
     assert resumed.resumed_from == 1
 
     # Interrupted in epoch 2: nothing looks complete; the rerun resumes after epoch 1.
