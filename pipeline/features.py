@@ -146,7 +146,8 @@ def _remember(cfg: FeaturesConfig, res: Resolved) -> None:
 def find_cache(cfg: FeaturesConfig) -> str:
     """The cache file ``features`` made for ``cfg``, from its index: no weights read, no images listed.
 
-    Raises ``UserError`` naming `make features` when there is none for these settings.
+    Raises ``UserError`` naming `make features` when there is none for these settings (or the
+    data set's own error when it is unusable: only then is the image folder listed).
     """
     device = backbone.choose_device(cfg.device)
     precision = backbone.choose_precision(cfg.precision, device)
@@ -154,6 +155,7 @@ def find_cache(cfg: FeaturesConfig) -> str:
     found = isinstance(entry, dict) and isinstance(entry.get("file"), str)
     path = os.path.join(paths.features_dir(cfg.cache), entry["file"]) if found else ""
     if not path or not os.path.isfile(path):
+        data.discover(cfg.data)  # an unusable data set is the first thing to fix: its own error
         raise UserError(
             f"no feature cache for these settings under {paths.features_dir(cfg.cache)!r}; run "
             "`python -m pipeline features` with the same --data, --cache, --weights, --views and --precision "

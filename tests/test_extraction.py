@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from pipeline import backbone, data, distributed, extraction, features, finetune, heads
+from pipeline import backbone, data, distributed, extraction, features, heads
 from pipeline.config import FEATURE_DIM, FeaturesConfig, HeadsConfig
 from pipeline.errors import UserError
 
@@ -125,7 +125,7 @@ def test_sync_waits_for_the_gpu_only(monkeypatch):
     assert calls == [torch.device("cuda", 1)]
 
 
-def test_workers_and_threads_follow_the_allowed_cores_not_the_machine(monkeypatch):
+def test_loader_workers_follow_the_allowed_cores_not_the_machine(monkeypatch):
     # issue 16.5: a SLURM job with 8 of 128 cores
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 128)
@@ -134,9 +134,6 @@ def test_workers_and_threads_follow_the_allowed_cores_not_the_machine(monkeypatc
     assert extraction.default_workers(CUDA, processes=8) == 1  # 8 ranks share the 8 cores
     assert extraction.default_workers(torch.device("cpu")) == 4
     assert extraction.default_workers(CUDA, images=extraction.SMALL_JOB - 1) == 0
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 128)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert finetune.auto_threads() == 8
 
 
 def test_seeding_leaves_the_callers_cuda_generators_alone(monkeypatch, images, small_images):
@@ -187,9 +184,11 @@ def test_heads_find_the_cache_from_the_index_without_weights_or_images(tiny_data
         m.setattr(extraction, "load_weights", forbidden)
         m.setattr(data, "discover", forbidden)
         assert heads.features_path(hcfg) == made.path
-    for other in ({"seed": 1}, {"views": 2}, {"precision": "bf16"}, {"data": str(tmp_path)}):
+    for other in ({"seed": 1}, {"views": 2}, {"precision": "bf16"}):
         with pytest.raises(UserError, match="make heads does"):
             heads.features_path(HeadsConfig(**dict(vars(hcfg), **other)))
+    with pytest.raises(UserError, match="train.*is missing"):  # no cache, and the data set is why
+        heads.features_path(HeadsConfig(**dict(vars(hcfg), data=str(tmp_path))))
     # A weights file names its cache by path and stat: a changed file names none until `features` runs.
     path = tmp_path / "w.pt"
     torch.save(backbone.build_model(None).state_dict(), path)
