@@ -11,6 +11,7 @@ cache identical to a single process's (same layout, row order and content key).
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -135,6 +136,8 @@ def _remember(cfg: FeaturesConfig, res: Resolved) -> None:
     """Record in the index that ``res.path`` holds the features of ``cfg`` (atomic, locked)."""
     path = paths.features_index(cfg.cache)
     with FileLock(path + ".lock"):
+        for name in glob.glob(glob.escape(path) + ".tmp-*"):  # left by a killed writer (none is live)
+            os.remove(name)
         index = _read_index(cfg.cache)
         index[_request(cfg, res.precision)] = {
             "file": os.path.basename(res.path), "weights_id": res.weights.id,

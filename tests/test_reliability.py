@@ -709,12 +709,14 @@ def test_bad_option_values_are_one_line(argv, small, capsys, fast_weights):
 FEATURE_KILLS = [
     KillPoint("start-up: planning", "pipeline.features:_plan"),
     KillPoint("start-up: network built", "pipeline.backbone:feature_extractor", when="after"),
-    KillPoint("mid-batch: 3rd forward done, its part unsaved", "pipeline.features:_forward", call=3, when="after"),
+    KillPoint("mid-batch: 3rd forward done, its part unsaved", "pipeline.extraction:Extractor.forward", call=3,
+              when="after"),
     KillPoint("mid-batch: 2nd part written, not yet renamed", "os:replace", call=2, match=".npz')"),
     KillPoint("between batches: 4th part saved", "pipeline.store:write_part", call=4, when="after"),
     KillPoint("final save: half the cache written", "pipeline.store:_write_split", call=2),
     KillPoint("final save: cache written, not yet renamed", "os:replace", match=".h5')"),
     KillPoint("final save: renamed, work files not yet removed", "shutil:rmtree", match=".parts'"),
+    KillPoint("index: written, not yet renamed", "os:replace", match="index.json'"),
 ]
 
 
@@ -756,7 +758,9 @@ def test_features_killed_anywhere_resumes_to_the_same_cache(point, kill_data, fe
         assert result.path.endswith(os.path.basename(features_reference))
         _assert_same_cache(result.path, features_reference)
         left = sorted(os.listdir(cache / "features"))
-        assert left == sorted([os.path.basename(result.path), os.path.basename(result.path) + ".lock"]), left
+        name = os.path.basename(result.path)
+        assert left == sorted([name, name + ".lock", "index.json", "index.json.lock"]), left
+        assert features.find_cache(_features_cfg(kill_data, cache)) == result.path
 
 
 HEADS = "logistic,sgd_log,ridge"
