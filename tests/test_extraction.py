@@ -7,8 +7,8 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from pipeline import backbone, data, distributed, extraction, features, heads
-from pipeline.config import FEATURE_DIM, FeaturesConfig, HeadsConfig
+from pipeline import backbone, data, distributed, extraction, features, finetune, heads
+from pipeline.config import FEATURE_DIM, FeaturesConfig, FinetuneConfig, HeadsConfig
 from pipeline.errors import UserError
 
 from .conftest import make_dataset
@@ -104,6 +104,17 @@ def test_out_of_memory_is_one_user_error_naming_the_batch_size(tiny_data, tmp_pa
                          batch_size=8, workers=0, progress=False)
     with pytest.raises(UserError, match=r"out of memory on cpu with --batch-size 8; lower it \(e.g. --batch-size 4\)"):
         features.run(cfg)
+
+
+def test_out_of_memory_in_finetune_names_its_batch_size(tiny_data, tmp_path, monkeypatch, small_images):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", oom)
+    cfg = FinetuneConfig(data=str(tiny_data), cache=str(tmp_path / "c"), weights="random", device="cpu",
+                         mode="fixed", epochs=1, batch_size=6, workers=0, progress=False)
+    with pytest.raises(UserError, match=r"out of memory on cpu with --batch-size 6; lower it"):
+        finetune.run(cfg)
 
 
 def test_exact_fp32_turns_tf32_off_on_cuda_only_and_restores_it():
