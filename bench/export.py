@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     import torch
 
-    from pipeline import export, heads, onnx_client, predict, sklearn_api
+    from pipeline import export, extraction, heads, onnx_client, predict
     from pipeline import images as pipeline_images
     from pipeline.config import ExportConfig, PredictConfig
 
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             return [(paths[i], model.classes[int(c)]) for i, c in zip(ok, logits.argmax(1))]
 
         def by_head():
-            sklearn_api.clear_memory()  # like a fresh `predict --head`: no memoised network or features
+            extraction.forget_weights()  # like a fresh `predict --head`: weights read and checked again
             return [(p["path"], p["class"]) for p in predict.run(head_cfg).predictions]
 
         ways = {"predict --model (ONNX Runtime)": by_model, "predict --head (PyTorch + joblib)": by_head}

@@ -40,6 +40,7 @@ __all__ = [
     "out_of_memory_hint",
     "weights_identity",
     "load_weights",
+    "forget_weights",
     "Batch",
     "Extractor",
 ]
@@ -166,6 +167,12 @@ def load_weights(spec: str, seed: int = 0) -> backbone.Weights:
         while len(_WEIGHTS) > _WEIGHTS_KEPT:
             _WEIGHTS.popitem(last=False)
     return weights
+
+
+def forget_weights() -> None:
+    """Drop the weights :func:`load_weights` kept (frees memory; the next call reads and checks again)."""
+    with _WEIGHTS_LOCK:
+        _WEIGHTS.clear()
 
 
 # --------------------------------------------------------------------------- the engine
