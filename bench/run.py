@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (REPO, default_data, epoch_floor, forward_floor, machine, pin_threads,  # noqa: E402
                     ratio_row, subset_folder)
-from pipeline import backbone, data, features, finetune, store  # noqa: E402
+from pipeline import backbone, data, extraction, features, finetune, store  # noqa: E402
 from pipeline.config import FeaturesConfig, FinetuneConfig  # noqa: E402
 from tutorial import run_tutorial  # noqa: E402
 
@@ -311,7 +311,7 @@ def main(args) -> int:
             run_tutorial(warm, copy.deepcopy(weights_obj.state_dict), mode, 1, device, tmp)
     project_epoch(warm, weights, args.device, os.path.join(tmp, "warm-cache"), threads)
 
-    batch = features.default_batch_size(device)
+    batch = extraction.default_batch_size(device)
     n_images = sum(ds_counts.values())
     sides = ["commands", "extraction_floor", "project_epoch", "epoch_floor", "heads_suite"]
     if "tutorial" not in skip:
