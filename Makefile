@@ -18,13 +18,14 @@ VIEWS   ?= 0
 HEAD    ?=
 RUN     ?=
 OUT     ?=
+CURVE   ?= 1
 
 DATA_OPT := $(if $(DATA_DIR),--data $(DATA_DIR))
 COMMON   := $(DATA_OPT) --cache $(CACHE_DIR) --weights $(WEIGHTS) --device $(DEVICE)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: DATA_DIR WEIGHTS=imagenet|random|PATH DEVICE=auto|cpu|cuda EPOCHS MODES HEADS VIEWS CACHE_DIR HEAD RUN OUT"
+	@echo "  variables: DATA_DIR WEIGHTS=imagenet|random|PATH DEVICE=auto|cpu|cuda EPOCHS MODES HEADS VIEWS CURVE CACHE_DIR HEAD RUN OUT"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,8 +45,8 @@ finetune: $(STAMP)  ## end-to-end training runs (MODES="finetune scratch")
 	@for mode in $(MODES); do \
 	  $(PY) -m pipeline finetune $(COMMON) --mode $$mode --epochs $(EPOCHS) || exit $$?; done
 
-compare: heads finetune  ## run what is missing, then write reports/compare.md
-	$(PY) -m pipeline compare --cache $(CACHE_DIR) $(DATA_OPT)
+compare: heads finetune  ## run what is missing, then write reports/compare/ (CURVE=0 skips the data-size curve)
+	$(PY) -m pipeline compare --cache $(CACHE_DIR) $(DATA_OPT) $(if $(filter 0,$(CURVE)),--no-curve)
 
 export: $(STAMP)  ## one ONNX image classifier from HEAD=NAME or RUN=MODE[-SEED] -> cache/export/ (or OUT)
 	@$(if $(HEAD)$(RUN),,echo "set HEAD=NAME (a head, e.g. logistic) or RUN=MODE[-SEED] (e.g. finetune)" >&2; exit 2)

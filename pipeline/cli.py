@@ -230,7 +230,7 @@ def _add_compare(sub) -> None:
     d = config.CompareConfig()
     p = sub.add_parser(
         "compare", help="put every head and end-to-end run side by side (table, figures, significance)",
-        description="Read cache/heads/*.json and cache/runs/*/metrics.json, write reports/compare.md "
+        description="Read cache/heads/*.json and cache/runs/*/metrics.json, write reports/compare/compare.md "
                     "(table + figures), compare.csv and compare.json, and print the table.")
     p.add_argument("--cache", default=d.cache, metavar="DIR",
                    help="cache folder holding heads/ and runs/ (default: %(default)s)")
@@ -240,8 +240,11 @@ def _add_compare(sub) -> None:
                    help="compare only results measured on this data folder; results from any other "
                         "are listed apart (default: the data folder most results share)")
     p.add_argument("--alpha", type=float, default=d.alpha,
-                   help="significance level of the exact McNemar test against the best method "
-                        "(default: %(default)s)")
+                   help="family-wise significance level of the exact McNemar tests between every pair of "
+                        "methods, Holm-corrected (default: %(default)s)")
+    p.add_argument("--no-curve", dest="curve", action="store_false",
+                   help="skip the heads' data-size curve (val accuracy vs labelled images per class)")
+    p.add_argument("--no-figures", dest="figures", action="store_false", help="write the report without figures")
     p.set_defaults(handler=_run_compare)
 
 

@@ -286,7 +286,9 @@ class CompareConfig:
     # The data root the results must come from; "": the one most results share. Results from
     # any other root, class list or val set are listed apart, never mixed into the table.
     data: str = ""
-    alpha: float = 0.05  # significance level of the McNemar test against the best method
+    alpha: float = 0.05  # family-wise level of the all-pairs McNemar tests (Holm-corrected)
+    curve: bool = True  # the heads' data-size curve (seconds on the tutorial's data)
+    figures: bool = True
 
     def __post_init__(self):
         if not 0 < self.alpha < 1:

@@ -4,10 +4,11 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import shutil
 import uuid
 from typing import Callable, Optional
 
-__all__ = ["atomic_write", "remove_temporaries", "file_digest"]
+__all__ = ["atomic_write", "remove_temporaries", "file_digest", "publish_folder"]
 
 
 def atomic_write(path: str, write: Callable, *, by_name: bool = False) -> None:
@@ -56,3 +57,56 @@ def file_digest(path: str, algorithm: str = "sha1") -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def publish_folder(path: str, fill: Callable[[str], object]) -> None:
+    """Publish a folder of files as one set: all of the new ones, or all of the old ones.
+
+    ``fill(folder)`` writes every file into a fresh hidden folder ``.<name>-<id>`` beside
+    ``path``; then ``path``, a symbolic link, is switched to it by one atomic rename, and
+    older versions are removed. A crash or an error (a full disk) at any step leaves ``path``
+    pointing at the previous complete set; leftovers are removed by the next call. Callers
+    serialise concurrent calls (a lock beside ``path``).
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    stem = f".{name}-"
+    _remove_versions(parent, stem, keep=_link_target(path))
+    folder = os.path.join(parent, stem + uuid.uuid4().hex[:12])
+    link = folder + ".link"
+    try:
+        os.mkdir(folder)
+        fill(folder)
+        for root, _dirs, names in os.walk(folder):
+            for n in names:
+                with open(os.path.join(root, n), "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.symlink(os.path.basename(folder), link)
+        if os.path.isdir(path) and not os.path.islink(path):  # a report from before sets: move it aside
+            os.rename(path, os.path.join(parent, stem + "old-" + uuid.uuid4().hex[:8]))
+        os.replace(link, path)
+    except BaseException:
+        for leftover in (link, folder):
+            _remove_tree(leftover)
+        raise
+    _remove_versions(parent, stem, keep=os.path.basename(folder))
+
+
+def _link_target(path: str) -> Optional[str]:
+    return os.readlink(path) if os.path.islink(path) else None
+
+
+def _remove_versions(parent: str, stem: str, keep: Optional[str]) -> None:
+    for entry in glob.glob(os.path.join(glob.escape(parent), glob.escape(stem) + "*")):
+        if os.path.basename(entry) != keep:
+            _remove_tree(entry)
+
+
+def _remove_tree(path: str) -> None:
+    if os.path.islink(path) or os.path.isfile(path):
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+    elif os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)

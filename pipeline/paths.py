@@ -35,6 +35,7 @@ __all__ = [
     "runs_dir",
     "run_dir",
     "export_dir",
+    "report_dir",
     "report_files",
 ]
 
@@ -95,6 +96,11 @@ def export_dir(cache: str) -> str:
     return os.path.join(cache, "export")
 
 
+def report_dir(reports: str) -> str:
+    """The comparison report's folder: a link to its latest complete set (``files.publish_folder``)."""
+    return os.path.join(reports, "compare")
+
+
 def report_files(reports: str) -> Dict[str, str]:
     """``{"md", "csv", "json"}`` -> the comparison report in that format."""
-    return {ext: os.path.join(reports, f"compare.{ext}") for ext in ("md", "csv", "json")}
+    return {ext: os.path.join(report_dir(reports), f"compare.{ext}") for ext in ("md", "csv", "json")}

@@ -1,13 +1,13 @@
 """Figures of the compare report (PNG files only; matplotlib's Agg canvas, never a window).
 
-Each function takes plain data, writes one PNG atomically and returns its path, or ``None``
-when there is nothing to draw (for example no end-to-end run has a learning curve).
+Each function takes plain data (numbers, arrays, already-loaded thumbnails: it opens no
+cache and no image file), writes one PNG atomically and returns its path, or ``None`` when
+there is nothing to draw (for example no end-to-end run has a learning curve).
 """
 from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from sklearn.decomposition import PCA
 
 from .files import atomic_write
 from .text import format_duration
@@ -25,11 +26,16 @@ from .text import format_duration
 __all__ = [
     "Point",
     "Curve",
+    "PcaPanel",
+    "Series",
     "accuracy_vs_time",
     "learning_curves",
     "confusion_matrices",
+    "grid_order",
     "prediction_grid",
     "feature_pca",
+    "pairwise_heatmap",
+    "data_size_curve",
 ]
 
 _DPI = 130
@@ -48,8 +54,8 @@ class Point:
     low: float  # lower end of the error bar (CI, or mean - std for several seeds)
     high: float
     kind: str = "head"  # head | run
-    best: bool = False
-    tied: bool = False  # not significantly different from the best
+    recommended: bool = False  # the cheapest member of the top group
+    top: bool = False  # in the top group: no other method beats it significantly
     seed_accuracies: List[float] = field(default_factory=list)
 
 
@@ -60,7 +66,30 @@ class Curve:
     label: str
     group: str  # runs of one group (the seeds of one mode) share a colour
     history: dict
+    selected_epoch: Optional[int] = None  # the epoch whose model is the reported result
 
+
+@dataclass
+class PcaPanel:
+    """One feature cache's arrays for the PCA figure (``X`` of shape (n, n_features))."""
+
+    title: str
+    X_train: np.ndarray
+    y_train: np.ndarray
+    X_val: np.ndarray
+    y_val: np.ndarray
+
+
+@dataclass
+class Series:
+    """One method on the data-size curve: val accuracy mean ± std at each ``k``."""
+
+    label: str
+    k: Sequence[float]
+    mean: Sequence[float]
+    std: Sequence[float]
+    kind: str = "head"  # head | run
+    n: Sequence[int] = ()  # subsets (heads) or seeds (runs) behind each point
 
 def _figure(width: float, height: float, dpi: int = _DPI) -> Figure:
     fig = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
@@ -118,26 +147,27 @@ def _dodge(secs: np.ndarray, width: float = 0.018) -> np.ndarray:
 def accuracy_vs_time(points: Sequence[Point], path: str, title_note: str = "") -> Optional[str]:
     """Val accuracy (error bars) against total compute time (log axis), one labelled point per method.
 
-    Filled markers: the best method and those not significantly different from it; hollow:
-    significantly worse. The shaded band is the best method's interval.
+    Filled markers: the top group (no other method beats them significantly, Holm-adjusted
+    McNemar); hollow: beaten significantly by some method; star: the recommendation (the
+    cheapest member of the top group), whose interval is the shaded band.
     """
     if not points:
         return None
     fig = _figure(10.5, 5.8)
     ax = fig.add_subplot()
     secs = _dodge(np.array([max(p.seconds, 1e-3) for p in points]))
-    best = next((p for p in points if p.best), None)
+    best = next((p for p in points if p.recommended), None)
     if best is not None:
         ax.axhspan(best.low, best.high, color="#f1c40f", alpha=0.18, lw=0, zorder=0)
     for p, x in zip(points, secs):
         marker, colour, _ = _KIND_STYLE.get(p.kind, _KIND_STYLE["head"])
-        filled = p.best or p.tied
+        filled = p.recommended or p.top
         ax.errorbar(x, p.accuracy, yerr=[[p.accuracy - p.low], [p.high - p.accuracy]], fmt="none",
                     ecolor=colour, elinewidth=1.4, capsize=4, alpha=0.8, zorder=2)
         if p.seed_accuracies:
             ax.scatter([x] * len(p.seed_accuracies), p.seed_accuracies, s=22, color=colour, alpha=0.9,
                        marker="D", edgecolor="white", linewidth=0.6, zorder=6)
-        ax.scatter([x], [p.accuracy], s=260 if p.best else 70, marker="*" if p.best else marker,
+        ax.scatter([x], [p.accuracy], s=260 if p.recommended else 70, marker="*" if p.recommended else marker,
                    facecolor=colour if filled else "white", edgecolor=colour, linewidth=1.6, zorder=5)
 
     lo = min(p.low for p in points)
@@ -161,11 +191,13 @@ def accuracy_vs_time(points: Sequence[Point], path: str, title_note: str = "") -
 
     handles = [Line2D([], [], marker=m, ls="", color=c, markersize=8, label=lab)
                for kind, (m, c, lab) in _KIND_STYLE.items() if any(p.kind == kind for p in points)]
-    handles += [Patch(color="#f1c40f", alpha=0.3, label="best's interval"),
-                Line2D([], [], marker="*", ls="", color="0.3", markersize=14, label="best"),
-                Line2D([], [], marker="o", ls="", color="0.3", markersize=8, label="≈ best (McNemar p ≥ α)"),
+    handles += [Patch(color="#f1c40f", alpha=0.3, label="recommended's interval"),
+                Line2D([], [], marker="*", ls="", color="0.3", markersize=14,
+                       label="recommended: cheapest of the top group"),
+                Line2D([], [], marker="o", ls="", color="0.3", markersize=8,
+                       label="top group: beaten by none\n(all-pairs McNemar, Holm)"),
                 Line2D([], [], marker="o", ls="", markerfacecolor="white", markeredgecolor="0.3",
-                       markersize=8, label="significantly worse")]
+                       markersize=8, label="beaten significantly")]
     if any(p.seed_accuracies for p in points):
         handles.append(Line2D([], [], marker="D", ls="", color="0.3", markersize=5,
                               label="one seed (bar: mean ± std of seeds)"))
@@ -189,10 +221,10 @@ def _place_labels(fig: Figure, ax, points: Sequence[Point], secs: np.ndarray) ->
         return inside and not any(box[0] < t[2] and box[2] > t[0] and box[1] < t[3] and box[3] > t[1]
                                   for t in taken)
 
-    order = sorted(range(len(points)), key=lambda i: (not points[i].best, -points[i].accuracy))
+    order = sorted(range(len(points)), key=lambda i: (not points[i].recommended, -points[i].accuracy))
     for i in order:
         p = points[i]
-        weight = "bold" if p.best else "normal"
+        weight = "bold" if p.recommended else "normal"
         probe = ax.text(0, 0, p.label, fontsize=9, fontweight=weight)
         box = probe.get_window_extent(renderer)
         probe.remove()
@@ -237,8 +269,8 @@ def learning_curves(curves: Sequence[Curve], path: str, title_note: str = "") ->
                 if any(v is not None for v in y):
                     ax.plot(x, [np.nan if v is None else v for v in y], ls=ls, **kw)
         val_acc = [e.get("val_acc") for e in epochs]
-        if any(v is not None for v in val_acc):
-            j = int(np.nanargmax([np.nan if v is None else v for v in val_acc]))
+        if c.selected_epoch in x and val_acc[x.index(c.selected_epoch)] is not None:
+            j = x.index(c.selected_epoch)
             ax_acc.scatter([x[j]], [val_acc[j]], color=colour[c.group], s=40, zorder=3, edgecolor="black",
                            linewidth=0.6)
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
@@ -246,7 +278,7 @@ def learning_curves(curves: Sequence[Curve], path: str, title_note: str = "") ->
         ax.set_ylabel(name, fontsize=11)
         ax.grid(True, alpha=0.3)
     ax_loss.set_title("Loss per epoch", fontsize=12)
-    ax_acc.set_title("Accuracy per epoch (dot: best val epoch)", fontsize=12)
+    ax_acc.set_title("Accuracy per epoch (dot: the reported epoch, chosen without val)", fontsize=12)
     handles = [Line2D([], [], color=colour[g], lw=2, label=g + (" (each seed)" if several[g] else ""))
                for g in groups]
     handles += [Line2D([], [], color="0.3", ls="-", label="val"),
@@ -296,8 +328,8 @@ def confusion_matrices(items: Sequence[Tuple[str, Sequence[Sequence[int]]]], cla
 # --------------------------------------------------------------------------- prediction grid
 
 
-def _grid_order(y_true: List[int], y_pred: List[int], confidence: Optional[List[float]], limit: int,
-                n_classes: int) -> List[int]:
+def grid_order(y_true: List[int], y_pred: List[int], confidence: Optional[List[float]], limit: int,
+               n_classes: int) -> List[int]:
     """Misclassified first (most confident mistakes first), then correct ones, round-robin over classes."""
     wrong = [i for i in range(len(y_true)) if y_true[i] != y_pred[i]]
     if confidence:
@@ -315,47 +347,26 @@ def _grid_order(y_true: List[int], y_pred: List[int], confidence: Optional[List[
     return (wrong + right)[:limit]
 
 
-def _thumbnail(path: str, size: int):
-    from .data import load_image
-
-    image = load_image(path, draft_size=size)
-    w, h = image.size
-    s = min(w, h)
-    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    return np.asarray(image.resize((size, size)))
-
-
-def prediction_grid(predictions: dict, classes: Sequence[str], roots: Sequence[str], path: str,
+def prediction_grid(predictions: dict, classes: Sequence[str], tiles: Dict[int, Optional[np.ndarray]], path: str,
                     title: str = "", limit: int = 24, ncols: int = 6) -> Optional[str]:
     """Val images with predicted and true labels, misclassified first (red), then correct (green).
 
-    ``roots`` are tried in order for each relative path; a missing or unreadable file gets a
-    grey tile instead of failing the figure.
+    ``tiles[i]`` is the thumbnail (an RGB ``uint8`` array) of image ``i`` for the images
+    :func:`grid_order` picks; a missing one (None) is drawn as a grey "not found" tile.
     """
-    paths = predictions.get("paths")
-    if not paths:
+    if not predictions.get("paths"):
         return None
     y_true, y_pred = predictions["y_true"], predictions["y_pred"]
     confidence = predictions.get("confidence")
-    order = _grid_order(y_true, y_pred, confidence, limit, len(classes))
+    order = grid_order(y_true, y_pred, confidence, limit, len(classes))
     n_wrong = sum(y_true[i] != y_pred[i] for i in range(len(y_true)))
     ncols = min(ncols, len(order))
     nrows = math.ceil(len(order) / ncols)
     fig = _figure(2.2 * ncols, 2.55 * nrows + 0.7, dpi=100)  # photos: a lower dpi keeps the PNG small
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    missing = 0
     for ax, i in zip(axes, order):
-        tile = None
-        for root in roots:
-            full = os.path.join(root, paths[i])
-            if os.path.isfile(full):
-                try:
-                    tile = _thumbnail(full, 160)
-                    break
-                except Exception:  # an unreadable image is a tile, not a failed report
-                    continue
+        tile = tiles.get(i)
         if tile is None:
-            missing += 1
             ax.imshow(np.full((160, 160, 3), 225, np.uint8))
             ax.text(80, 80, "image not found", ha="center", va="center", fontsize=8, color="0.35")
         else:
@@ -382,30 +393,21 @@ def prediction_grid(predictions: dict, classes: Sequence[str], roots: Sequence[s
         line = (f"{n_wrong} of {len(y_true)} val images misclassified (red, first), "
                 "then correct ones (green)")
     fig.suptitle(f"{head}\n{line}", fontsize=11)
-    if missing:
-        warnings.warn(f"{missing} val image(s) not found under {list(roots)}; shown as grey tiles "
-                      "(pass --data DIR if the data set moved)")
     return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- PCA of the features
 
 
-def feature_pca(caches: Sequence[Tuple[str, str]], classes: Sequence[str], path: str) -> Optional[str]:
+def feature_pca(panels: Sequence[PcaPanel], classes: Sequence[str], path: str) -> Optional[str]:
     """2-D PCA of each feature cache (fitted on train): train dots, val triangles, coloured by class."""
-    from sklearn.decomposition import PCA
-
-    from . import store
-
-    if not caches:
+    if not panels:
         return None
-    fig = _figure(6.2 * len(caches), 5.6)
-    axes = np.atleast_1d(fig.subplots(1, len(caches), squeeze=False)).ravel()
+    fig = _figure(6.2 * len(panels), 5.6)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
     palette = [to_rgb(f"C{i}") for i in range(10)]
-    for ax, (title, cache) in zip(axes, caches):
-        backbone = store.read_meta(cache).get("backbone", "backbone")
-        x_tr, y_tr, _, _ = store.read_split(cache, "train")
-        x_va, y_va, _, _ = store.read_split(cache, "val")
+    for ax, panel in zip(axes, panels):
+        x_tr, y_tr, x_va, y_va = panel.X_train, panel.y_train, panel.X_val, panel.y_val
         pca = PCA(n_components=2, random_state=0).fit(x_tr)
         z_tr, z_va = pca.transform(x_tr), pca.transform(x_va)
         for c, name in enumerate(classes):
@@ -416,9 +418,111 @@ def feature_pca(caches: Sequence[Tuple[str, str]], classes: Sequence[str], path:
         ev = pca.explained_variance_ratio_
         ax.set_xlabel(f"PC 1 ({ev[0]:.0%} of variance)", fontsize=10)
         ax.set_ylabel(f"PC 2 ({ev[1]:.0%} of variance)", fontsize=10)
-        ax.set_title(f"{backbone} {title}\n{os.path.basename(cache)}", fontsize=10)
+        ax.set_title(panel.title, fontsize=10)
         ax.grid(True, alpha=0.25)
         ax.legend(fontsize=8, markerscale=1.2, ncols=2 if len(classes) > 4 else 1, framealpha=0.9,
                   loc="best")
     fig.suptitle("Cached features, 2-D PCA (fitted on train) coloured by class", fontsize=12)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- which wins, pair by pair
+
+
+def pairwise_heatmap(names: Sequence[str], adjusted: np.ndarray, advantage: np.ndarray, alpha: float,
+                     path: str, top: Sequence[int] = (), title_note: str = "") -> Optional[str]:
+    """Every pair of methods: cell ``[i, j]`` tests row ``i`` against column ``j``.
+
+    Parameters
+    ----------
+    adjusted : ndarray of shape (n, n)
+        Holm-adjusted exact McNemar p-values (symmetric; NaN on the diagonal).
+    advantage : ndarray of shape (n, n)
+        Images only the row gets right minus images only the column gets right.
+    top : indices of the top group (their labels are bold).
+
+    Colour: green when the row is significantly better (adjusted p <= alpha), red when it is
+    significantly worse, pale when the data cannot tell them apart (shade: the direction).
+    Text: the adjusted p and the signed advantage.
+    """
+    n = len(names)
+    if n < 2:
+        return None
+    rgb = np.ones((n, n, 3))
+    green, red = np.array(to_rgb("#1e8449")), np.array(to_rgb("#c0392b"))
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                rgb[i, j] = to_rgb("0.85")
+                continue
+            sig = adjusted[i, j] <= alpha
+            colour = green if advantage[i, j] > 0 else red if advantage[i, j] < 0 else np.ones(3)
+            rgb[i, j] = colour if sig else 0.82 * np.ones(3) + 0.18 * colour  # pale: direction only
+    side = max(5.0, 0.9 * n + 2.5)
+    fig = _figure(side + 2.0, side + 1.4)
+    ax = fig.add_subplot()
+    ax.imshow(np.clip(rgb, 0, 1))
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            sig = adjusted[i, j] <= alpha
+            text = f"p={adjusted[i, j]:.2g}\n{advantage[i, j]:+d}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8 if n <= 8 else 6.5,
+                    color="white" if sig else "0.2", fontweight="bold" if sig else "normal")
+    labels = [f"{name} ●" if k in top else name for k, name in enumerate(names)]
+    ax.set_xticks(range(n), labels, rotation=35, ha="right", fontsize=9)
+    ax.set_yticks(range(n), labels, fontsize=9)
+    for tick_labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+        for k, lab in enumerate(tick_labels):
+            if k in top:
+                lab.set_fontweight("bold")
+    ax.set_xlabel("column method", fontsize=10)
+    ax.set_ylabel("row method", fontsize=10)
+    fig.suptitle(f"Which wins, pair by pair: exact McNemar, Holm-adjusted p (α = {alpha:g}){title_note}",
+                 fontsize=11)
+    handles = [Patch(color=green, label="row significantly better"),
+               Patch(color=red, label="row significantly worse"),
+               Patch(facecolor=0.82 * np.ones(3) + 0.18 * green, edgecolor="0.6",
+                     label="not distinguishable\n(tint: direction only)"),
+               Patch(facecolor="white", edgecolor="white", label="● bold: top group")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=2, fontsize=8.5, frameon=False,
+               title="cell text: adjusted p; images only the row gets right minus only the column",
+               title_fontsize=8.5)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- data-size curve
+
+
+def data_size_curve(series: Sequence[Series], path: str, title_note: str = "", note: str = "") -> Optional[str]:
+    """Val accuracy (mean ± std over seeded subsets) against labelled train images per class."""
+    series = [s for s in series if len(s.k)]
+    if not series:
+        return None
+    fig = _figure(10.5, 5.6)
+    ax = fig.add_subplot()
+    ks = sorted({float(k) for s in series for k in s.k})
+    heads = [s for s in series if s.kind == "head"]
+    for n, s in enumerate(heads):
+        k, m, sd = np.asarray(s.k, float), np.asarray(s.mean, float), np.asarray(s.std, float)
+        colour = f"C{n % 10}"
+        ax.plot(k, m, marker="o", ms=4, lw=1.6, color=colour, label=s.label)
+        ax.fill_between(k, m - sd, m + sd, color=colour, alpha=0.07, lw=0)
+    for n, s in enumerate(x for x in series if x.kind != "head"):
+        colour = f"C{(len(heads) + n) % 10}"
+        ax.errorbar(np.asarray(s.k, float), s.mean, yerr=s.std, fmt="s", ms=8, capsize=4, color=colour,
+                    mfc="white", mew=1.8, label=f"{s.label} (end-to-end)")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlim(min(ks) / 1.3, max(ks) * 1.3)
+    ax.grid(True, alpha=0.3)
+    ax.set_xlabel("labelled train images per class (log scale)", fontsize=11)
+    ax.set_ylabel("val accuracy", fontsize=11)
+    ax.set_title("Val accuracy vs labelled images per class" + title_note
+                 + (f"\n{note}" if note else ""), fontsize=12 if not note else 11)
+    fig.legend(loc="outside right upper", fontsize=9, frameon=False,
+               title="line: mean, band: ± std\nover seeded subsets", title_fontsize=8.5)
     return _save(fig, path)

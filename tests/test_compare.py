@@ -1,4 +1,5 @@
-"""Stage 4 (compare): table, significance, figures, and refusal to mix results from other data.
+"""Stage 4 (compare): table, which wins (all pairs), the data-size curve, figures, the report
+written as one set, and refusal to mix results from other data.
 
 Every input is a small synthetic result file written here following the schemas that
 ``heads`` (cache/heads/*.json) and ``finetune`` (cache/runs/<mode>[-<seed>]/metrics.json)
@@ -7,16 +8,17 @@ produce, so these tests need neither stage.
 from __future__ import annotations
 
 import csv
+import errno
 import json
-import math
 import os
+import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import numpy as np
 import pytest
 
-from pipeline import cli, compare, plots, store
+from pipeline import cli, compare, compare_report, files, plots, store
 from pipeline.config import CompareConfig
 from pipeline.errors import UserError
 from pipeline.metrics import evaluate
@@ -125,134 +127,163 @@ def write_run(cache: Path, mode: str, seed: int, items, wrong=(), *, data_root: 
     return folder / "metrics.json"
 
 
+def _items(n_per_class: int = 20):
+    """Synthetic val items (no image files): ``n_per_class`` per class, ants first."""
+    return [(f"val/{c}/img_{i:03d}.jpg", label) for label, c in enumerate(CLASSES) for i in range(n_per_class)]
+
+
 @pytest.fixture
 def results(tmp_path, tiny_data):
-    """A cache with 3 heads, a 3-seed fine-tuning run and a not-pretrained scratch run.
+    """A cache with 3 heads, a 3-seed fine-tuning run and a not-pretrained scratch run on 40 val images.
 
-    8 val images. logistic: all right (best). ridge: 1 wrong (b=1, c=0, p=1: not different).
-    sgd: 6 wrong (b=6, c=0, p=2/64: worse). finetune seeds: 2, 1, 0 wrong. scratch: 6 wrong.
+    logistic: all right; ridge: 1 wrong; sgd: 14 wrong; finetune seeds 0/1/2: 2/1/0 wrong (the
+    tests use seed 0); scratch: 14 wrong. Pairs with 14 discordant images one way give raw
+    p = 2/2**14, significant after Holm over the 10 pairs; every other pair is not.
     """
+    cache = tmp_path / "cache"
+    items = _items()
+    root = str(tiny_data)
+    feats = write_feature_cache(cache, tiny_data)
+    write_head(cache, "logistic", items, (), data_root=root, features_path=feats, fit_seconds=0.2)
+    write_head(cache, "ridge", items, (0,), data_root=root, features_path=feats)
+    write_head(cache, "sgd", items, range(14), data_root=root, features_path=feats)
+    for seed, wrong in ((0, (0, 4)), (1, (3,)), (2, ())):
+        write_run(cache, "finetune", seed, items, wrong, data_root=root)
+    write_run(cache, "scratch", 0, items, range(14), data_root=root, weights_id="random-seed0", pretrained=False)
+    return cache, tiny_data, items
+
+
+def _cfg(tmp_path, cache, **kw) -> CompareConfig:
+    kw.setdefault("curve", False)
+    return CompareConfig(cache=str(cache), reports=str(tmp_path / "reports"), **kw)
+
+
+def _report(tmp_path, name="compare.md") -> Path:
+    return tmp_path / "reports" / "compare" / name
+
+
+# --------------------------------------------------------------------------- which wins
+
+
+def test_top_group_by_all_pairs_holm_and_the_cheapest_is_recommended(tmp_path, results):
+    cache, data, items = results
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    by = {r.label: r for r in res.rows}
+    assert {r.label for r in res.rows if r.top} == {"logistic", "ridge", "finetune"}
+    assert res.recommended is by["logistic"] and by["logistic"].recommended  # 30.2 s < 30.5 s < 600 s
+    assert [r.label for r in res.rows][:3] == ["logistic", "ridge", "finetune"]  # top group, cheapest first
+    assert by["sgd"].beaten_by == ["logistic", "ridge", "finetune"]
+    assert by["scratch"].beaten_by == ["logistic", "ridge", "finetune"]
+    pairs = {(res.pairwise.names[t.i], res.pairwise.names[t.j]): t for t in res.pairwise.tests}
+    t = pairs[("logistic", "sgd")]
+    assert (t.b, t.c, t.p) == (14, 0, 2 / 2 ** 14) and t.winner == res.pairwise.names.index("logistic")
+    assert pairs[("logistic", "ridge")].p_adjusted == 1.0
+    # finetune: three seeds in one row, mean ± sample std; the tests use the lowest seed (seed 0).
+    ft = by["finetune"]
+    accs = [38 / 40, 39 / 40, 40 / 40]
+    assert ft.seeds == 3 and ft.representative.seed == 0
+    assert ft.accuracy == pytest.approx(np.mean(accs)) and ft.accuracy_std == pytest.approx(np.std(accs, ddof=1))
+    assert (pairs[("logistic", "finetune")].b, pairs[("logistic", "finetune")].c) == (2, 0)
+    assert "± 0.025 (3 seeds)" in res.table and "**top group, recommended**" in res.table
+    # A head's total time: the full extraction (30 s) + its own fit.
+    assert by["logistic"].total_seconds == pytest.approx(30.2) and by["finetune"].total_seconds == 600.0
+    # compare.json: every pair with b, c, raw and adjusted p; csv: the same rule.
+    doc = json.loads(_report(tmp_path, "compare.json").read_text())
+    assert len(doc["pairs"]) == 10 and doc["recommended"] == "logistic"
+    assert doc["top_group"] == ["logistic", "ridge", "finetune"]
+    pair = next(p for p in doc["pairs"] if {p["a"], p["b_label"]} == {"logistic", "sgd"})
+    assert (pair["b"], pair["c"], pair["p_raw"]) == (14, 0, 2 / 2 ** 14) and pair["winner"] == "logistic"
+    assert pair["p_adjusted"] == pytest.approx(10 * 2 / 2 ** 14)  # the smallest of 10 raw p's (tied): x10
+    rows = list(csv.DictReader(_report(tmp_path, "compare.csv").open()))
+    assert sum(r["row_type"] == "pair" for r in rows) == 10
+    method = {r["label"]: r for r in rows if r["row_type"] == "method"}
+    assert method["sgd"]["top_group"] == "False" and method["logistic"]["recommended"] == "True"
+    assert method["finetune"]["tested_seed"] == "0"
+    assert not res.excluded
+
+
+def test_best_val_epoch_is_shown_apart_labelled_and_never_ranked_tested_or_plotted(tmp_path, tiny_data,
+                                                                                    monkeypatch):
+    """A planted history: the run's best val epoch (0.99 at epoch 2) beats its final epoch, which is
+    worse than a head. The result is the final epoch everywhere; 0.99 only in its own column."""
+    cache = tmp_path / "cache"
+    items = _items()
+    write_head(cache, "logistic", items, range(4), data_root=str(tiny_data))
+    write_run(cache, "finetune", 0, items, range(10), data_root=str(tiny_data), best_val=(2, 0.99))
+    seen = {}
+    original = plots.accuracy_vs_time
+    monkeypatch.setattr(plots, "accuracy_vs_time", lambda pts, p, **kw: seen.setdefault("points", pts) and None)
+    res = compare.run(_cfg(tmp_path, cache))
+    ft = next(r for r in res.rows if r.method == "finetune")
+    assert ft.accuracy == 30 / 40 and ft.best_val == (0.99, [2])
+    assert res.recommended.label == "logistic" and [r.label for r in res.rows] == ["logistic", "finetune"]
+    header, _sep, *lines = res.table.splitlines()
+    assert "best epoch on val: chosen on val, optimistic" in header
+    ft_line = next(line for line in lines if "finetune" in line).split("|")
+    assert ft_line[3].strip() == "0.750" and ft_line[-2].strip() == "0.990 (epoch 2)"
+    assert {round(p.accuracy, 3) for p in seen["points"]} == {0.9, 0.75}  # never 0.99
+    md = _report(tmp_path).read_text()
+    assert "chosen on val, optimistic" in md and "never ranked, tested or plotted" in md
+    doc = json.loads(_report(tmp_path, "compare.json").read_text())
+    row = next(r for r in doc["rows"] if r["method"] == "finetune")
+    assert row["accuracy"] == 0.75 and row["best_val_acc_chosen_on_val"] == 0.99
+    del original
+
+
+def test_runs_on_k_images_per_class_are_curve_points_not_table_rows(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _val_items(tiny_data)
+    feats = write_feature_cache(cache, tiny_data)
+    for name in ("logistic", "ridge"):
+        write_head(cache, name, items, (), data_root=str(tiny_data), features_path=feats)
+    for seed in (0, 1):
+        write_run(cache, "fixed", seed, items, (seed,), data_root=str(tiny_data), train_per_class=2,
+                  name=f"fixed-k2-{seed}")
+    res = compare.run(_cfg(tmp_path, cache, curve=True, figures=False))
+    assert [r.label for r in res.rows] == ["logistic", "ridge"]
+    curve = res.curve
+    assert curve.curve.ks == [1, 2, 4, 6] and curve.curve.heads == ["logistic", "ridge"]
+    e2e = next(s for s in curve.series if s.kind == "run")
+    assert (e2e.label, list(e2e.k), e2e.n) == ("fixed", [2], [2])
+    assert e2e.mean[0] == pytest.approx(7 / 8) and e2e.std[0] == 0.0
+    at2 = next(c for c in curve.cheapest if c["k"] == 2)
+    assert "fixed (end-to-end)" in at2["top_group"]
+    assert curve.sentence.startswith("Data-size curve: the cheapest method of the top group")
+    doc = json.loads(_report(tmp_path, "compare.json").read_text())["data_size_curve"]
+    assert doc["ks"] == [1, 2, 4, 6] and len(doc["heads"]["ridge"]) == 4 and doc["end_to_end"]["fixed"][0]["k"] == 2
+    assert doc["heads"]["ridge"][1]["n_subsets"] == 5
+    rows = list(csv.DictReader(_report(tmp_path, "compare.csv").open()))
+    assert sum(r["row_type"] == "curve" for r in rows) == 2 * 4 + 1
+    assert "## Data-size curve" in _report(tmp_path).read_text()
+
+
+# --------------------------------------------------------------------------- the report and figures
+
+
+def test_compare_writes_md_csv_json_and_every_figure(tmp_path, tiny_data):
     cache = tmp_path / "cache"
     items = _val_items(tiny_data)
     root = str(tiny_data)
     feats = write_feature_cache(cache, tiny_data)
     write_head(cache, "logistic", items, (), data_root=root, features_path=feats, fit_seconds=0.2)
     write_head(cache, "ridge", items, (0,), data_root=root, features_path=feats)
-    write_head(cache, "sgd", items, (0, 1, 2, 4, 5, 6), data_root=root, features_path=feats)
-    for seed, wrong in ((0, (0, 4)), (1, (3,)), (2, ())):
+    for seed, wrong in ((0, (0, 4)), (1, (3,))):
         write_run(cache, "finetune", seed, items, wrong, data_root=root)
-    write_run(cache, "scratch", 0, items, (0, 1, 2, 3, 4, 5), data_root=root, weights_id="random-seed0",
-              pretrained=False)
-    return cache, tiny_data, items
-
-
-def _cfg(tmp_path, cache, **kw) -> CompareConfig:
-    return CompareConfig(cache=str(cache), reports=str(tmp_path / "reports"), **kw)
-
-
-def _no_figures(monkeypatch):
-    monkeypatch.setattr(compare, "_figures", lambda *a, **k: {})
-
-
-# --------------------------------------------------------------------------- McNemar
-
-
-def _mcnemar_by_hand(b: int, c: int) -> float:
-    """Reference: two-sided exact binomial test of b successes in n = b + c trials with p = 1/2."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    k = min(b, c)
-    return min(1.0, 2 * sum(math.comb(n, i) * 0.5 ** n for i in range(k + 1)))
-
-
-@pytest.mark.parametrize("b, c, expected", [
-    (0, 0, 1.0),
-    (1, 0, 1.0),  # 2 * 1/2 = 1
-    (5, 0, 0.0625),  # 2 * 1/32
-    (6, 0, 0.03125),  # 2 * 1/64: the smallest n with p < 0.05 when one side is 0
-    (2, 8, 0.109375),  # 2 * (1 + 10 + 45) / 1024
-    (8, 2, 0.109375),  # symmetric
-    (10, 10, 1.0),
-    (3, 12, 0.03515625),  # 2 * (1 + 15 + 105 + 455) / 32768
-])
-def test_mcnemar_exact_matches_hand_computed_binomial(b, c, expected):
-    assert compare.mcnemar_exact(b, c) == pytest.approx(expected, abs=1e-12)
-    assert compare.mcnemar_exact(b, c) == pytest.approx(_mcnemar_by_hand(b, c), abs=1e-12)
-
-
-def test_mcnemar_agrees_with_scipy_on_larger_counts():
-    binomtest = pytest.importorskip("scipy.stats").binomtest
-    for b, c in ((17, 31), (40, 41), (0, 25), (120, 80)):
-        assert compare.mcnemar_exact(b, c) == pytest.approx(binomtest(b, b + c, 0.5).pvalue, rel=1e-9)
-
-
-def test_mcnemar_rejects_negative_counts():
-    with pytest.raises(ValueError, match="discordant counts must be >= 0"):
-        compare.mcnemar_exact(-1, 3)
-
-
-# --------------------------------------------------------------------------- the report
-
-
-def test_compare_table_significance_and_seeds(tmp_path, results, monkeypatch):
-    _no_figures(monkeypatch)
-    cache, data, items = results
-    res = compare.run(_cfg(tmp_path, cache))
-    by_label = {r.label: r for r in res.rows}
-    assert [r.label for r in res.rows][0] == "logistic"
-    assert res.best is by_label["logistic"] and by_label["logistic"].mark == "best"
-    # ridge: one image only the best gets right -> b=1, c=0 -> p = 1.
-    assert by_label["ridge"].discordant == (1, 0)
-    assert by_label["ridge"].p_value == pytest.approx(1.0)
-    assert by_label["ridge"].mark == "not significantly different"
-    # sgd and scratch: six such images -> p = 2 / 2**6.
-    for label in ("sgd", "scratch"):
-        assert by_label[label].discordant == (6, 0)
-        assert by_label[label].p_value == pytest.approx(_mcnemar_by_hand(6, 0))
-        assert by_label[label].mark == "worse"
-    # finetune: three seeds in one row, mean ± sample std; the test uses the median seed (seed 1).
-    ft = by_label["finetune"]
-    accs = [6 / 8, 7 / 8, 8 / 8]
-    assert ft.seeds == 3
-    assert ft.accuracy == pytest.approx(np.mean(accs))
-    assert ft.accuracy_std == pytest.approx(np.std(accs, ddof=1))
-    assert ft.representative.seed == 1 and ft.discordant == (1, 0)
-    assert "± 0.125 (3 seeds)" in res.table
-    # A head's total time: the full extraction (30 s) + its own fit.
-    assert by_label["logistic"].total_seconds == pytest.approx(30.2)
-    assert by_label["logistic"].train_seconds == pytest.approx(0.2)
-    assert by_label["finetune"].total_seconds == pytest.approx(600.0)
-    assert not res.excluded
-
-
-def test_compare_writes_md_csv_json_and_every_figure(tmp_path, results):
-    cache, data, items = results
-    res = compare.run(_cfg(tmp_path, cache))
-    reports = tmp_path / "reports"
-    assert set(res.figures) == {"accuracy_vs_time", "learning_curves", "confusion", "predictions", "pca"}
-    md = (reports / "compare.md").read_text()
+    res = compare.run(_cfg(tmp_path, cache, curve=True))
+    target = tmp_path / "reports" / "compare"
+    assert set(res.figures) == {"accuracy_vs_time", "pairwise", "data_size", "learning_curves", "confusion",
+                                "predictions", "pca"}
+    md = (target / "compare.md").read_text()
     for name, path in res.figures.items():
         blob = Path(path).read_bytes()
         assert blob.startswith(PNG) and len(blob) > 5000, name
         assert f"(figures/{name}.png)" in md  # embedded by a path relative to the report
-        assert (reports / "figures" / f"{name}.png").is_file()
-    assert not list(reports.rglob("*.tmp-*")), "temporary files left behind"
-
-    rows = list(csv.DictReader((reports / "compare.csv").open()))
-    kinds = [r["row_type"] for r in rows]
-    assert kinds.count("method") == 5
-    seeds = sorted(r["seed"] for r in rows if r["row_type"] == "result" and r["method"] == "finetune")
-    assert seeds == ["0", "1", "2"]
-    method_rows = {r["label"]: r for r in rows if r["row_type"] == "method"}
-    assert method_rows["sgd"]["vs_best"] == "worse"
-    assert float(method_rows["sgd"]["mcnemar_p"]) == pytest.approx(0.03125)
-
-    doc = json.loads((reports / "compare.json").read_text())
-    assert doc["best"] == "logistic" and doc["alpha"] == 0.05
-    ft = next(r for r in doc["rows"] if r["label"] == "finetune")
-    assert [s["seed"] for s in ft["per_seed"]] == [0, 1, 2]
-    assert doc["figures"]["pca"] == os.path.join("figures", "pca.png")
+        assert Path(path).parent == target / "figures"
+    assert target.is_symlink() and not list((tmp_path / "reports").rglob("*.tmp-*"))
+    hidden = [p.name for p in (tmp_path / "reports").iterdir() if p.name.startswith(".compare-")]
+    assert hidden == [os.readlink(target)]  # only the published set: no leftovers
+    doc = json.loads((target / "compare.json").read_text())
+    assert doc["figures"]["pca"] == "figures/pca.png" and doc["seeds_rule"].endswith("the lowest seed")
 
 
 def test_not_pretrained_label_everywhere(tmp_path, results, monkeypatch):
@@ -268,26 +299,27 @@ def test_not_pretrained_label_everywhere(tmp_path, results, monkeypatch):
             return original(*args, **kwargs)
         return wrapper
 
-    for name in ("accuracy_vs_time", "learning_curves", "confusion_matrices"):
+    for name in ("accuracy_vs_time", "learning_curves", "confusion_matrices", "pairwise_heatmap"):
         monkeypatch.setattr(plots, name, spy(name))
-    res = compare.run(_cfg(tmp_path, cache))
-    reports = tmp_path / "reports"
+    with pytest.warns(UserWarning, match="val image"):  # synthetic paths: grey tiles in the grid
+        res = compare.run(_cfg(tmp_path, cache))
     scratch = next(r for r in res.rows if r.method == "scratch")
     assert scratch.weights_label == "random-seed0 (not pretrained)"
     assert "random-seed0 (not pretrained)" in res.table
     assert "not pretrained" in res.summary()
-    csv_row = next(r for r in csv.DictReader((reports / "compare.csv").open())
+    csv_row = next(r for r in csv.DictReader(_report(tmp_path, "compare.csv").open())
                    if r["row_type"] == "method" and r["method"] == "scratch")
     assert csv_row["weights"] == "random-seed0 (not pretrained)" and csv_row["pretrained"] == "False"
-    doc = json.loads((reports / "compare.json").read_text())
+    doc = json.loads(_report(tmp_path, "compare.json").read_text())
     row = next(r for r in doc["rows"] if r["method"] == "scratch")
     assert row["weights"] == "random-seed0 (not pretrained)" and row["pretrained"] is False
-    # Mixed weights: the not-pretrained point / curve / matrix carries the label itself.
+    # Mixed weights: the not-pretrained point / curve / matrix / heatmap label carries the label itself.
     points = seen["accuracy_vs_time"][0][0]
     assert [p.label for p in points if "scratch" in p.label] == ["scratch (not pretrained)"]
     assert all("not pretrained" not in p.label for p in points if "scratch" not in p.label)
     assert any("not pretrained" in c.group for c in seen["learning_curves"][0][0])
     assert any("scratch (not pretrained)" in title for title, _ in seen["confusion_matrices"][0][0])
+    assert "scratch (not pretrained)" in seen["pairwise_heatmap"][0][0]
 
 
 def test_all_not_pretrained_goes_into_figure_titles(tmp_path, tiny_data, monkeypatch):
@@ -317,8 +349,7 @@ def test_all_not_pretrained_goes_into_figure_titles(tmp_path, tiny_data, monkeyp
     ("classes", "different class list"),
     ("val_set", "different val images"),
 ])
-def test_results_from_other_data_are_flagged_not_mixed(tmp_path, results, monkeypatch, change, reason):
-    _no_figures(monkeypatch)
+def test_results_from_other_data_are_flagged_not_mixed(tmp_path, results, change, reason):
     cache, data, items = results
     kw = {"data_root": str(data)}
     if change == "data_root":
@@ -327,49 +358,46 @@ def test_results_from_other_data_are_flagged_not_mixed(tmp_path, results, monkey
         kw["classes"] = ["bees", "ants"]
     else:
         kw["paths"] = [p for p, _ in items[:-1]] + ["val/bees/not_in_reference.jpg"]
-    # The intruder is perfect on its own data: if mixed in, it would be "best".
+    # The intruder is perfect on its own data: if mixed in, it would be in the top group.
     odd = write_head(cache, "intruder", items, (), **kw)
     with pytest.warns(UserWarning, match=reason):
-        res = compare.run(_cfg(tmp_path, cache))
+        res = compare.run(_cfg(tmp_path, cache, figures=False))
     assert "intruder" not in [r.label for r in res.rows]
     assert [r.source for r in res.excluded] == [str(odd)]
     assert reason in res.excluded[0].issue
-    md = (tmp_path / "reports" / "compare.md").read_text()
+    md = _report(tmp_path).read_text()
     assert "Not compared" in md and reason in md
     assert "NOT COMPARED" in res.summary()
-    excluded = [r for r in csv.DictReader((tmp_path / "reports" / "compare.csv").open())
-                if r["row_type"] == "excluded"]
+    excluded = [r for r in csv.DictReader(_report(tmp_path, "compare.csv").open()) if r["row_type"] == "excluded"]
     assert len(excluded) == 1 and excluded[0]["comparable"] == "False" and reason in excluded[0]["issue"]
-    assert json.loads((tmp_path / "reports" / "compare.json").read_text())["excluded"][0]["name"] == "intruder"
+    assert json.loads(_report(tmp_path, "compare.json").read_text())["excluded"][0]["name"] == "intruder"
 
 
-def test_data_option_selects_the_reference_and_refuses_unknown_roots(tmp_path, results, monkeypatch):
-    _no_figures(monkeypatch)
+def test_data_option_selects_the_reference_and_refuses_unknown_roots(tmp_path, results):
     cache, data, items = results
     other = tmp_path / "other_data"
     other.mkdir()
     write_head(cache, "other_head", items, (), data_root=str(other))
     with pytest.warns(UserWarning):
-        res = compare.run(_cfg(tmp_path, cache, data=str(other)))
+        res = compare.run(_cfg(tmp_path, cache, data=str(other), figures=False))
     assert [r.label for r in res.rows] == ["other_head"]
     assert len(res.excluded) == 7
     with pytest.raises(UserError, match="no head or run result was measured on data root"):
         compare.run(_cfg(tmp_path, cache, data=str(tmp_path / "nowhere")))
 
 
-def test_incomplete_and_unreadable_results_are_ignored_with_a_warning(tmp_path, results, monkeypatch):
-    _no_figures(monkeypatch)
+def test_incomplete_and_unreadable_results_are_ignored_with_a_warning(tmp_path, results):
     cache, data, items = results
     write_run(cache, "finetune", 7, items, (), data_root=str(data), complete=False)
     (cache / "heads" / "broken.json").write_text("{not json")
     (cache / "heads" / "nometrics.json").write_text(json.dumps({"kind": "head", "name": "x"}))
     with pytest.warns(UserWarning) as record:
-        res = compare.run(_cfg(tmp_path, cache))
+        res = compare.run(_cfg(tmp_path, cache, figures=False))
     messages = " ".join(str(w.message) for w in record)
     assert "not complete" in messages and "broken.json" in messages and "nometrics.json" in messages
     assert len(res.skipped) == 3
     assert next(r for r in res.rows if r.label == "finetune").seeds == 3
-    assert "Files ignored" in (tmp_path / "reports" / "compare.md").read_text()
+    assert "Files ignored" in _report(tmp_path).read_text()
 
 
 def test_no_results_is_a_user_error(tmp_path):
@@ -382,19 +410,17 @@ def test_alpha_out_of_range_is_a_user_error(tmp_path, results):
         compare.run(_cfg(tmp_path, results[0], alpha=1.5))
 
 
-def test_equal_accuracy_best_is_the_cheaper_one(tmp_path, tiny_data, monkeypatch):
-    _no_figures(monkeypatch)
+def test_equal_accuracy_recommends_the_cheaper_one(tmp_path, tiny_data):
     cache = tmp_path / "cache"
     items = _val_items(tiny_data)
     write_run(cache, "finetune", 0, items, (1,), data_root=str(tiny_data), total_seconds=900)
     write_head(cache, "logistic", items, (2,), data_root=str(tiny_data))
-    res = compare.run(_cfg(tmp_path, cache))
-    assert res.best.label == "logistic"
-    assert res.rows[1].discordant == (1, 1) and res.rows[1].mark == "not significantly different"
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    assert res.recommended.label == "logistic" and all(r.top for r in res.rows)
+    assert res.pairwise.tests[0].b == res.pairwise.tests[0].c == 1
 
 
-def test_same_method_on_other_weights_gets_distinct_labels(tmp_path, tiny_data, monkeypatch):
-    _no_figures(monkeypatch)
+def test_same_method_on_other_weights_gets_distinct_labels(tmp_path, tiny_data):
     cache = tmp_path / "cache"
     items = _val_items(tiny_data)
     write_head(cache, "logistic", items, (), data_root=str(tiny_data))
@@ -402,23 +428,95 @@ def test_same_method_on_other_weights_gets_distinct_labels(tmp_path, tiny_data, 
                       pretrained=False)
     path.rename(path.with_name("logistic-random.json"))
     write_head(cache, "logistic", items, (), data_root=str(tiny_data))
-    res = compare.run(_cfg(tmp_path, cache))
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
     assert sorted(r.label for r in res.rows) == ["logistic [imagenet]", "logistic [random-seed0 (not pretrained)]"]
+
+
+# --------------------------------------------------------------------------- one set or nothing
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _quiet_run(cfg):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # synthetic val paths: grey tiles in the prediction grid
+        return compare.run(cfg)
+
+
+def test_a_full_disk_at_any_write_step_leaves_the_previous_report_whole(tmp_path, results, monkeypatch):
+    """ENOSPC at each write of the set (every figure, csv, json, md; the link; the switch): the
+    command is a one-line user error and the previous report stays byte-identical, with no
+    leftovers beside it."""
+    cache, data, items = results
+    _quiet_run(_cfg(tmp_path, cache))
+    target = tmp_path / "reports" / "compare"
+    before = _snapshot(target)
+    assert {"compare.md", "compare.csv", "compare.json", "figures/pairwise.png"} <= set(before)
+    write_head(cache, "ridge", items, (0, 1, 2), data_root=str(data), features_path=store_path(cache))
+    real_write, real_symlink, real_replace = files.atomic_write, os.symlink, os.replace
+
+    def full_disk(real, nth, when=lambda *a: True):
+        calls = [0]
+
+        def fake(*args, **kwargs):
+            if when(*args):
+                calls[0] += 1
+                if calls[0] == nth:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+            return real(*args, **kwargs)
+        return fake, calls
+
+    def attempt() -> bool:
+        try:
+            _quiet_run(_cfg(tmp_path, cache))
+            return True
+        except UserError as exc:
+            assert "previous report" in str(exc) and "unchanged" in str(exc) and "\n" not in str(exc)
+            return False
+        finally:
+            monkeypatch.undo()
+
+    def unchanged(snapshot, link) -> None:
+        assert _snapshot(target) == snapshot and os.readlink(target) == link
+        assert [p.name for p in (tmp_path / "reports").iterdir() if p.name.startswith(".compare-")] == [link]
+
+    link = os.readlink(target)
+    n = 1
+    while True:  # the n-th write of the set fails, for n = 1, 2, ... until a run needs fewer writes
+        fake, _calls = full_disk(real_write, n)
+        for owner in (files, compare_report, plots):
+            monkeypatch.setattr(owner, "atomic_write", fake)
+        if attempt():
+            break
+        unchanged(before, link)
+        n += 1
+    assert n - 1 >= 9  # 6 figures + csv + json + md each failed once
+    assert "ridge" in _report(tmp_path).read_text() and _snapshot(target) != before
+    before, link = _snapshot(target), os.readlink(target)
+    for name, fake in (("symlink", full_disk(real_symlink, 1)[0]),
+                       ("replace", full_disk(real_replace, 1, lambda src, dst: str(dst) == str(target))[0])):
+        monkeypatch.setattr(os, name, fake)
+        assert not attempt(), name
+        unchanged(before, link)
+
+
+def store_path(cache: Path) -> str:
+    return str(next((cache / "features").glob("*.h5")))
 
 
 # --------------------------------------------------------------------------- figures on their own
 
 
-def test_prediction_grid_survives_missing_images(tmp_path, tiny_data):
-    items = _val_items(tiny_data)
-    y = [label for _, label in items]
-    preds = {"y_true": y, "y_pred": _predict(y, (0, 5)), "paths": [p for p, _ in items]}
-    (tiny_data / items[0][0]).unlink()
-    with pytest.warns(UserWarning, match="1 val image"):
-        out = plots.prediction_grid(preds, CLASSES, [str(tmp_path / "moved"), str(tiny_data)],
-                                    str(tmp_path / "grid.png"))
+def test_prediction_grid_draws_missing_tiles_grey(tmp_path):
+    y = [0, 0, 1, 1, 0, 1]
+    preds = {"y_true": y, "y_pred": [1, 0, 1, 0, 0, 1], "paths": [f"val/x/{i}.jpg" for i in range(6)]}
+    order = plots.grid_order(y, preds["y_pred"], None, 4, 2)
+    assert order[:2] == [0, 3]  # misclassified first
+    tiles = {i: (np.full((16, 16, 3), 120, np.uint8) if i else None) for i in order}
+    out = plots.prediction_grid(preds, CLASSES, tiles, str(tmp_path / "grid.png"))
     assert Path(out).read_bytes().startswith(PNG)
-    assert plots._grid_order(y, preds["y_pred"], None, 4, 2)[:2] == [0, 5]  # misclassified first
 
 
 def test_figure_functions_skip_empty_inputs(tmp_path):
@@ -426,26 +524,29 @@ def test_figure_functions_skip_empty_inputs(tmp_path):
     assert plots.accuracy_vs_time([], out) is None
     assert plots.learning_curves([plots.Curve("a", "a", {"epochs": []})], out) is None
     assert plots.confusion_matrices([], CLASSES, out) is None
-    assert plots.prediction_grid({"y_true": [], "y_pred": []}, CLASSES, [], out) is None
+    assert plots.prediction_grid({"y_true": [], "y_pred": []}, CLASSES, {}, out) is None
     assert plots.feature_pca([], CLASSES, out) is None
+    assert plots.pairwise_heatmap(["a"], np.full((1, 1), np.nan), np.zeros((1, 1), int), 0.05, out) is None
+    assert plots.data_size_curve([], out) is None
     assert not os.path.exists(out)
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def test_cli_compare_prints_the_table(tmp_path, results, monkeypatch, capsys):
-    _no_figures(monkeypatch)
+def test_cli_compare_prints_the_table(tmp_path, results, capsys):
     cache, data, items = results
-    code = cli.main(["compare", "--cache", str(cache), "--reports", str(tmp_path / "rep"), "--alpha", "0.01"])
+    base = ["compare", "--cache", str(cache), "--no-figures", "--no-curve"]
+    code = cli.main(base + ["--reports", str(tmp_path / "rep"), "--alpha", "0.01"])
     out = capsys.readouterr().out
     assert code == 0
-    assert "| logistic" in out and "**best**" in out and "not pretrained" in out
-    assert (tmp_path / "rep" / "compare.md").is_file()
+    assert "| logistic" in out and "top group, recommended" in out and "not pretrained" in out
+    assert "Answer: logistic" in out
+    assert (tmp_path / "rep" / "compare" / "compare.md").is_file()
     assert cli.main(["compare", "--cache", str(tmp_path / "none"), "--reports", str(tmp_path / "r")]) == 2
     assert "no head or run results" in capsys.readouterr().err
     (cache / "heads" / "broken.json").write_text("{")
-    assert cli.main(["compare", "--cache", str(cache), "--reports", str(tmp_path / "rep")]) == 0
+    assert cli.main(base + ["--reports", str(tmp_path / "rep")]) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: ignoring ") and "broken.json" in err and "Traceback" not in err
 
@@ -454,5 +555,5 @@ def test_cli_compare_help_lists_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--help"])
     out = capsys.readouterr().out
-    for option in ("--cache", "--reports", "--data", "--alpha"):
+    for option in ("--cache", "--reports", "--data", "--alpha", "--no-curve", "--no-figures"):
         assert option in out

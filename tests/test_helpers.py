@@ -64,7 +64,7 @@ def test_the_cache_layout_is_written_in_one_place():
     assert paths.shard_file(path, 1, 2, "t").startswith(path + ".shards" + os.sep)
     assert paths.run_dir("c", "scratch-3") == os.path.join("c", "runs", "scratch-3")
     assert paths.heads_dir("c") == os.path.join("c", "heads")
-    assert paths.report_files("r")["md"] == os.path.join("r", "compare.md")
+    assert paths.report_files("r")["md"] == os.path.join("r", "compare", "compare.md")
 
 
 def test_one_table_formatter_markdown_or_plain():
