@@ -267,7 +267,8 @@ def run(cfg: CompareConfig) -> CompareResult:
         with FileLock(os.path.join(cfg.reports, ".compare.lock")):
             compare_report.write(res, target, cfg.data, figures=cfg.figures)
     except OSError as exc:
-        raise UserError(f"cannot write the report under {cfg.reports!r} ({exc.strerror or exc}); the previous "
-                        f"report in {target!r} is unchanged; free some space or pass --reports DIR pointing at a "
-                        "writable folder") from None
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise UserError(f"{why} while writing the report under {cfg.reports!r}; the previous report in "
+                        f"{target!r} is unchanged; free some space or pass --reports DIR pointing at a writable "
+                        "folder, then rerun") from None
     return res
