@@ -179,9 +179,39 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     # torch's default (one thread per physical core) unless --threads says otherwise.
     threads = cfg.threads or torch.get_num_threads()
     splits, skipped = _decodable(dataset, cfg.strict)
-    seeds = tuple(cfg.seeds) or (cfg.seed,)
-    runs = [_run_one(cfg, seed, dataset, splits, skipped, device, precision, threads) for seed in seeds]
+    runs = [_run_one(FinetuneRun(cfg, seed, dataset, _plan(cfg, seed, splits, dataset.classes), skipped, device,
+                                 precision), threads)
+            for seed in tuple(cfg.seeds) or (cfg.seed,)]
     return FinetuneResult(runs, skipped)
+
+
+@dataclass
+class FinetuneRun:
+    """What one run (one mode, one seed) shares from start-up to ``metrics.json``: the settings,
+    the images it trains, selects and is scored on, the device, and (from :func:`_run_one` on)
+    the initial weights and the settings that key its folder."""
+
+    cfg: FinetuneConfig
+    seed: int
+    dataset: data.DataSet
+    splits: Dict[str, List[data.Item]]  # this run's train, val and (--select holdout:F) holdout
+    skipped: List[dict]  # undecodable images of the data set (all runs)
+    device: torch.device
+    precision: str
+    weights: Optional[backbone.Weights] = None
+    settings: dict = field(default_factory=dict)  # everything that shapes the trajectory
+    key: str = ""  # store.settings_key(settings)
+
+    @property
+    def name(self) -> str:
+        return run_name(self.cfg.mode, self.seed, self.cfg.select, self.cfg.train_per_class)
+
+    @property
+    def directory(self) -> str:
+        return run_dir(self.cfg.cache, self.cfg.mode, self.seed, self.cfg.select, self.cfg.train_per_class)
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.directory, name)
 
 
 def _decodable(dataset: data.DataSet, strict: bool) -> Tuple[Dict[str, List[data.Item]], List[dict]]:
@@ -276,11 +306,11 @@ def _initial_weights(cfg: FinetuneConfig, seed: int) -> backbone.Weights:
     return backbone.resolve_weights("random" if cfg.mode == "scratch" else cfg.weights, seed)
 
 
-def _build(weights: backbone.Weights, classes: List[str], cfg: FinetuneConfig, seed: int,
-           device: torch.device) -> _Net:
-    with data.seeded(seed):  # the new fc layer's init
-        model = backbone.build_model(weights, num_classes=len(classes))
-    model = model.to(device)
+def _build(ctx: FinetuneRun) -> _Net:
+    cfg = ctx.cfg
+    with data.seeded(ctx.seed):  # the new fc layer's init
+        model = backbone.build_model(ctx.weights, num_classes=len(ctx.dataset.classes))
+    model = model.to(ctx.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return _Net(model, cfg.mode, cfg.trainable_from, cfg.bn)
@@ -336,6 +366,7 @@ class _Loaders:
     sampler: _EpochSampler
     generator: torch.Generator
     val_items: List[data.Item]
+    val_labels: np.ndarray
     n_train: int
     holdout: Optional[torch.utils.data.DataLoader] = None  # --select holdout:F: train images held out
     holdout_labels: Optional[np.ndarray] = None
@@ -367,8 +398,8 @@ def _plan(cfg: FinetuneConfig, seed: int, splits: Dict[str, List[data.Item]],
     return plan
 
 
-def _loaders(cfg: FinetuneConfig, root: str, splits: Dict[str, List[data.Item]], seed: int,
-             device: torch.device, net: _Net) -> _Loaders:
+def _loaders(ctx: FinetuneRun, net: _Net) -> _Loaders:
+    cfg, root, splits, seed, device = ctx.cfg, ctx.dataset.root, ctx.splits, ctx.seed, ctx.device
     workers = default_workers(device) if cfg.workers < 0 else cfg.workers
     big = max(cfg.batch_size, default_batch_size(device))
     # Frozen-prefix modes load chunks of whole optimiser batches, so the prefix runs batched.
@@ -383,7 +414,8 @@ def _loaders(cfg: FinetuneConfig, root: str, splits: Dict[str, List[data.Item]],
     val = torch.utils.data.DataLoader(
         data.ImageDataset(root, splits["val"], data.eval_transform()), batch_size=big, shuffle=False,
         **common)
-    loaders = _Loaders(train, val, sampler, generator, list(splits["val"]), len(splits["train"]))
+    loaders = _Loaders(train, val, sampler, generator, list(splits["val"]),
+                       np.array([item.label for item in splits["val"]]), len(splits["train"]))
     if splits.get("holdout"):
         loaders.holdout = torch.utils.data.DataLoader(
             data.ImageDataset(root, splits["holdout"], data.eval_transform()), batch_size=big, shuffle=False,
@@ -561,9 +593,10 @@ def _items_digest(root: str, items: Sequence[data.Item]) -> str:
     return h.hexdigest()
 
 
-def _settings(cfg: FinetuneConfig, seed: int, weights: backbone.Weights, dataset: data.DataSet,
-              splits: Dict[str, List[data.Item]], device: torch.device, precision: str) -> dict:
+def _settings(ctx: FinetuneRun) -> dict:
     """Everything that shapes the trajectory of a run (not the epoch count, not the workers)."""
+    cfg, seed, weights, dataset, splits = ctx.cfg, ctx.seed, ctx.weights, ctx.dataset, ctx.splits
+    device, precision = ctx.device, ctx.precision
     return {
         "format_version": RUN_FORMAT_VERSION,
         "backbone": backbone.BACKBONE,
@@ -585,10 +618,10 @@ def _settings(cfg: FinetuneConfig, seed: int, weights: backbone.Weights, dataset
     }
 
 
-def _resolved_config(cfg: FinetuneConfig, seed: int, weights: backbone.Weights, device: torch.device,
-                     precision: str, loaders: _Loaders) -> dict:
+def _resolved_config(ctx: FinetuneRun, loaders: _Loaders) -> dict:
+    cfg, weights = ctx.cfg, ctx.weights
     resolved = dataclasses.asdict(cfg)
-    resolved.update(seed=seed, seeds=list(cfg.seeds), device=str(device), precision=precision,
+    resolved.update(seed=ctx.seed, seeds=list(cfg.seeds), device=str(ctx.device), precision=ctx.precision,
                     weights=weights.spec, weights_id=weights.id, workers=loaders.train.num_workers,
                     data=os.path.abspath(cfg.data), cache=os.path.abspath(cfg.cache),
                     threads=torch.get_num_threads())
@@ -686,101 +719,120 @@ def _repair_history(directory: str, ckpt: dict) -> None:
     _save_json({"epochs": ckpt["history"]}, path)
 
 
-def _run_one(cfg: FinetuneConfig, seed: int, dataset: data.DataSet, splits: Dict[str, List[data.Item]],
-             skipped: List[dict], device: torch.device, precision: str, threads: int) -> RunResult:
-    name = run_name(cfg.mode, seed, cfg.select, cfg.train_per_class)
-    directory = run_dir(cfg.cache, cfg.mode, seed, cfg.select, cfg.train_per_class)
-    splits = _plan(cfg, seed, splits, dataset.classes)
-    os.makedirs(directory, exist_ok=True)
-    weights = _initial_weights(cfg, seed)
-    settings = _settings(cfg, seed, weights, dataset, splits, device, precision)
-    key = store.settings_key(settings)
-    with FileLock(os.path.join(directory, ".lock")):
-        files.remove_temporaries(directory)
-        if cfg.rebuild:
-            _clear(directory)
-        done, ckpt = _existing(directory, key, cfg.epochs)
+def _run_one(ctx: FinetuneRun, threads: int) -> RunResult:
+    os.makedirs(ctx.directory, exist_ok=True)
+    ctx.weights = _initial_weights(ctx.cfg, ctx.seed)
+    ctx.settings = _settings(ctx)
+    ctx.key = store.settings_key(ctx.settings)
+    with FileLock(ctx.file(".lock")):
+        files.remove_temporaries(ctx.directory)
+        if ctx.cfg.rebuild:
+            _clear(ctx.directory)
+        done, ckpt = _existing(ctx.directory, ctx.key, ctx.cfg.epochs)
         if done is not None:
-            return RunResult(name, directory, done, up_to_date=True)
+            return RunResult(ctx.name, ctx.directory, done, up_to_date=True)
         # A resumed run keeps its thread count: CPU reductions split by thread, and
         # bit-identical resumption needs the same split.
         threads = ckpt["config"].get("threads", threads) if ckpt is not None else threads
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            with extraction.out_of_memory_hint(device, cfg.batch_size), extraction.exact_fp32(device, precision):
-                return _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, skipped,
-                              device, precision, ckpt)
+            with extraction.out_of_memory_hint(ctx.device, ctx.cfg.batch_size), \
+                    extraction.exact_fp32(ctx.device, ctx.precision):
+                return _train(ctx, ckpt)
         finally:
             torch.set_num_threads(previous)
 
 
-def _train(cfg, seed, name, directory, key, settings, weights, dataset, splits, skipped, device,
-           precision, ckpt) -> RunResult:
-    net = _build(weights, dataset.classes, cfg, seed, device)
+@dataclass
+class _Training:
+    """One run's training state: what it trains with, and how far it got (what last.pt holds)."""
+
+    net: _Net
+    step: _Step
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loaders: _Loaders
+    meta: dict = field(default_factory=dict)  # what every checkpoint of the run carries besides its state
+    history: List[dict] = field(default_factory=list)
+    start: int = 0  # epochs taken over from last.pt
+    selected_score: float = -1.0  # --select holdout:F only
+    selected_epoch: int = 0
+    model_sha256: str = ""  # of model.pt as last saved
+
+
+def _train(ctx: FinetuneRun, ckpt: Optional[dict]) -> RunResult:
+    t = _setup(ctx, ckpt)
+    for epoch in range(t.start, ctx.cfg.epochs):
+        t.history.append(_epoch(ctx, t, epoch))
+        # Selection looks at the held-out train images only; val_acc is never read here.
+        if t.loaders.holdout is not None and t.history[-1]["holdout_acc"] > t.selected_score:
+            t.selected_score, t.selected_epoch = t.history[-1]["holdout_acc"], epoch + 1
+            t.model_sha256 = _save_model(ctx, t, "holdout")
+        _save_json({"epochs": t.history}, ctx.file("history.json"))
+        _save_pt(dict(t.meta, model=_cpu_state(t.net.model), optimizer=t.step.optimizer.state_dict(),
+                      scheduler=t.scheduler.state_dict(),
+                      scaler=t.step.scaler.state_dict() if t.step.scaler else None,
+                      epoch=epoch + 1, selected_score=t.selected_score, selected_epoch=t.selected_epoch,
+                      model_sha256=t.model_sha256, history=t.history, rng=_rng_state(t.loaders, ctx.device)),
+                 ctx.file("last.pt"))
+    if t.loaders.holdout is None:  # the fixed schedule's result: the final epoch's model
+        t.selected_epoch = len(t.history)
+        t.model_sha256 = _save_model(ctx, t, "final")
+    return RunResult(ctx.name, ctx.directory, _finish(ctx, t), resumed_from=t.start)
+
+
+def _setup(ctx: FinetuneRun, ckpt: Optional[dict]) -> _Training:
+    """The network, optimiser, schedule and loaders of a run, restored from ``ckpt`` (last.pt) if given."""
+    cfg, device, precision = ctx.cfg, ctx.device, ctx.precision
+    net = _build(ctx)
     params = [p for p in net.model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    loaders = _loaders(cfg, dataset.root, splits, seed, device, net)
-    history: List[dict] = []
-    selected_score, selected_epoch, start, model_sha = -1.0, 0, 0, ""  # --select holdout:F only
+    loaders = _loaders(ctx, net)
+    step = _Step(net, optimizer, scaler, device, precision, cfg.channels_last, cfg.batch_size)
+    t = _Training(net, step, scheduler, loaders)
     if ckpt is not None:
         net.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        history, start = ckpt["history"], ckpt["epoch"]
-        selected_score, selected_epoch = ckpt["selected_score"], ckpt["selected_epoch"]
-        model_sha = ckpt.get("model_sha256", "")
+        t.history, t.start = ckpt["history"], ckpt["epoch"]
+        t.selected_score, t.selected_epoch = ckpt["selected_score"], ckpt["selected_epoch"]
+        t.model_sha256 = ckpt.get("model_sha256", "")
         _restore_rng(ckpt["rng"], loaders, device)
-        _say(f"{name}: resuming after epoch {start} of {cfg.epochs} from {directory}/last.pt", cfg.progress)
+        _say(f"{ctx.name}: resuming after epoch {t.start} of {cfg.epochs} from {ctx.directory}/last.pt",
+             cfg.progress)
     net.finalize(cfg.channels_last)
-    step = _Step(net, optimizer, scaler, device, precision, cfg.channels_last, cfg.batch_size)
-    resolved = _resolved_config(cfg, seed, weights, device, precision, loaders)
-    meta = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "key": key, "name": name,
-            "mode": cfg.mode, "classes": dataset.classes, "config": resolved, "weights_id": weights.id,
-            "pretrained": weights.pretrained}
-    y_val = np.array([item.label for item in loaders.val_items])
-    for epoch in range(start, cfg.epochs):
-        history.append(_epoch(step, loaders, scheduler, epoch, cfg, name, y_val, device))
-        # Selection looks at the held-out train images only; val_acc is never read here.
-        if loaders.holdout is not None and history[-1]["holdout_acc"] > selected_score:
-            selected_score, selected_epoch = history[-1]["holdout_acc"], epoch + 1
-            model_sha = _save_pt(dict(meta, model=_cpu_state(net.model), epoch=selected_epoch,
-                                      selected_on="holdout"), os.path.join(directory, "model.pt"))
-        _save_json({"epochs": history}, os.path.join(directory, "history.json"))
-        _save_pt(dict(meta, model=_cpu_state(net.model), optimizer=optimizer.state_dict(),
-                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                      epoch=epoch + 1, selected_score=selected_score, selected_epoch=selected_epoch,
-                      model_sha256=model_sha, history=history, rng=_rng_state(loaders, device)),
-                 os.path.join(directory, "last.pt"))
-    if loaders.holdout is None:  # the fixed schedule's result: the final epoch's model
-        selected_epoch = len(history)
-        model_sha = _save_pt(dict(meta, model=_cpu_state(net.model), epoch=selected_epoch, selected_on="final"),
-                             os.path.join(directory, "model.pt"))
-    result = _finish(step, loaders, dataset, directory, meta, settings, history, selected_epoch, skipped,
-                     weights, device, precision, net, cfg, seed, splits, model_sha)
-    return RunResult(name, directory, result, resumed_from=start)
+    t.meta = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "key": ctx.key, "name": ctx.name,
+              "mode": cfg.mode, "classes": ctx.dataset.classes, "config": _resolved_config(ctx, loaders),
+              "weights_id": ctx.weights.id, "pretrained": ctx.weights.pretrained}
+    return t
 
 
-def _epoch(step: _Step, loaders: _Loaders, scheduler, epoch: int, cfg: FinetuneConfig, name: str,
-           y_val: np.ndarray, device: torch.device) -> dict:
+def _save_model(ctx: FinetuneRun, t: _Training, selected_on: str) -> str:
+    """Save the reported model (the selected epoch's) as model.pt; returns its sha256."""
+    return _save_pt(dict(t.meta, model=_cpu_state(t.net.model), epoch=t.selected_epoch, selected_on=selected_on),
+                    ctx.file("model.pt"))
+
+
+def _epoch(ctx: FinetuneRun, t: _Training, epoch: int) -> dict:
+    cfg, step, loaders = ctx.cfg, t.step, t.loaders
     started = time.perf_counter()
     lr = step.optimizer.param_groups[0]["lr"]
     loaders.sampler.set_epoch(epoch)
-    bar = tqdm(total=loaders.n_train, unit="img", desc=f"{name} {epoch + 1}/{cfg.epochs}", leave=False,
+    bar = tqdm(total=loaders.n_train, unit="img", desc=f"{ctx.name} {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not cfg.progress, dynamic_ncols=True)
     try:
         train_loss, train_acc = train_one_epoch(step, loaders.train, bar)
     finally:
         bar.close()
-    scheduler.step()
+    t.scheduler.step()
     train_seconds = time.perf_counter() - started
     val_loss, pred, _ = _evaluate(step, loaders.val)
-    val_acc = float((pred == y_val).mean())
+    val_acc = float((pred == loaders.val_labels).mean())
     record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
               "val_acc": val_acc, "lr": lr}
     held = ""
@@ -788,50 +840,51 @@ def _epoch(step: _Step, loaders: _Loaders, scheduler, epoch: int, cfg: FinetuneC
         hold_loss, hold_pred, _ = _evaluate(step, loaders.holdout)
         record.update(holdout_loss=hold_loss, holdout_acc=float((hold_pred == loaders.holdout_labels).mean()))
         held = f"  holdout acc {record['holdout_acc']:.4f}"
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - started
-    _say(f"{name} epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
+    _say(f"{ctx.name} epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
          f"val loss {val_loss:.4f} acc {val_acc:.4f}{held}  lr {lr:.2g}  {seconds:.1f} s", cfg.progress)
     return dict(record, seconds=seconds, train_seconds=train_seconds)
 
 
-def _selection(cfg: FinetuneConfig, selected_epoch: int, history: List[dict], splits: dict) -> dict:
+def _selection(ctx: FinetuneRun, t: _Training) -> dict:
     """How the reported model was chosen (recorded in metrics.json): never on val."""
-    rule, fraction = parse_select(cfg.select)
-    out = {"rule": rule, "selected_epoch": selected_epoch, "scored_on": "val"}
+    rule, fraction = parse_select(ctx.cfg.select)
+    out = {"rule": rule, "selected_epoch": t.selected_epoch, "scored_on": "val"}
     if rule == "final":
         out["selected_on"] = "nothing: the final epoch of the fixed schedule"
     else:
-        out.update(selected_on="held-out train images", fraction=fraction, holdout_n=len(splits["holdout"]),
-                   holdout=[i.relpath for i in splits["holdout"]],
-                   holdout_acc=history[selected_epoch - 1]["holdout_acc"])
+        holdout = ctx.splits["holdout"]
+        out.update(selected_on="held-out train images", fraction=fraction, holdout_n=len(holdout),
+                   holdout=[i.relpath for i in holdout],
+                   holdout_acc=t.history[t.selected_epoch - 1]["holdout_acc"])
     return out
 
 
-def _finish(step, loaders, dataset, directory, meta, settings, history, selected_epoch, skipped, weights,
-            device, precision, net, cfg, seed, splits, model_sha: str) -> RunRecord:
+def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
     """Score the reported model (model.pt) once on val; write metrics.json (last: it marks the run complete)."""
-    best_path = os.path.join(directory, "model.pt")
-    if model_sha:
-        verify_checkpoint(best_path, model_sha)
-    net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+    cfg, history, splits = ctx.cfg, t.history, ctx.splits
+    best_path = ctx.file("model.pt")
+    if t.model_sha256:
+        verify_checkpoint(best_path, t.model_sha256)
+    t.net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     started = time.perf_counter()
-    _, pred, proba = _evaluate(step, loaders.val)
+    _, pred, proba = _evaluate(t.step, t.loaders.val)
     predict_seconds = time.perf_counter() - started
-    items = loaders.val_items
-    result = metrics.evaluate([i.label for i in items], pred, dataset.classes,
+    items = t.loaders.val_items
+    result = metrics.evaluate([i.label for i in items], pred, ctx.dataset.classes,
                               paths=[i.relpath for i in items], proba=proba)
-    trainable, total = net.parameters()
+    trainable, total = t.net.parameters()
     train_seconds = sum(h.get("train_seconds", h["seconds"]) for h in history)
     # The tutorial's number, for reference only: the first epoch with the highest val accuracy.
     best_val = 1 + int(np.argmax([h["val_acc"] for h in history]))
     record = RunRecord(
-        name=meta["name"],
+        name=ctx.name,
         mode=cfg.mode,
-        seed=seed,
+        seed=ctx.seed,
         metrics=result,
-        selection=_selection(cfg, selected_epoch, history, splits),
+        selection=_selection(ctx, t),
         best_val_epoch=best_val,
         best_val_acc=history[best_val - 1]["val_acc"],
         train_per_class=cfg.train_per_class,
@@ -840,25 +893,24 @@ def _finish(step, loaders, dataset, directory, meta, settings, history, selected
         epochs=len(history),
         total_seconds=float(sum(h["seconds"] for h in history)),
         epoch_seconds=[h["seconds"] for h in history],
-        images_per_s=loaders.n_train * len(history) / train_seconds if train_seconds else 0.0,
+        images_per_s=t.loaders.n_train * len(history) / train_seconds if train_seconds else 0.0,
         predict_ms_per_image=1000.0 * predict_seconds / max(1, len(items)),
         trainable_parameters=trainable,
         total_parameters=total,
-        device=str(device),
-        precision=precision,
-        weights=weights.ref,
-        classes=dataset.classes,
-        data_root=dataset.root,
-        config=meta["config"],
+        device=str(ctx.device),
+        precision=ctx.precision,
+        weights=ctx.weights.ref,
+        classes=ctx.dataset.classes,
+        data_root=ctx.dataset.root,
+        config=t.meta["config"],
         versions=library_versions(*TORCH_STACK),
         size_bytes=os.path.getsize(best_path),
         checkpoint=os.path.basename(best_path),
-        checkpoints={name: files.file_digest(os.path.join(directory, name), "sha256")
-                     for name in ("model.pt", "last.pt")},
-        skipped=skipped,
-        key=meta["key"],
-        settings=settings,
+        checkpoints={name: files.file_digest(ctx.file(name), "sha256") for name in ("model.pt", "last.pt")},
+        skipped=ctx.skipped,
+        key=ctx.key,
+        settings=ctx.settings,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    _save_json(record.to_json(), os.path.join(directory, "metrics.json"))
+    _save_json(record.to_json(), ctx.file("metrics.json"))
     return record
