@@ -35,6 +35,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (bench/common.py: the compute floors every benchmark shares)
 
 from pipeline import backbone, config, extraction, features, finetune, store  # noqa: E402
 from pipeline.config import FeaturesConfig, FinetuneConfig  # noqa: E402
@@ -125,53 +128,16 @@ def two_ranks(data_dir: str, cache: str, device: str, batch_size: int, dry_run: 
 
 
 def epoch_floor(device: torch.device, precision: str, n_train: int, n_val: int, batch: int, threads: int) -> float:
-    """Seconds of one epoch's arithmetic alone: train steps on n_train, eval on n_val, in memory.
-
-    ``threads``: the run's own intra-op thread count (on a busy CPU it decides the speed).
+    """Seconds of one epoch's arithmetic alone (``bench/common.epoch_floor``: train steps on n_train,
+    val forward on n_val, in memory), at the run's own intra-op thread count.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return _epoch_floor(device, precision, n_train, n_val, batch)
+        val_batch = max(batch, extraction.default_batch_size(device))  # finetune's val batch
+        return common.epoch_floor(device, precision, n_train, n_val, batch, val_batch)["epoch_s"]
     finally:
         torch.set_num_threads(previous)
-
-
-def _epoch_floor(device: torch.device, precision: str, n_train: int, n_val: int, batch: int) -> float:
-    weights = extraction.load_weights("random", 0)
-    model = backbone.build_model(weights, num_classes=2).to(device).to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    crop = config.PREPROCESS["crop"]
-    x = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 2, (batch,), device=device)
-    eval_batch = extraction.default_batch_size(device)
-    xv = torch.randn(eval_batch, 3, crop, crop, device=device).contiguous(memory_format=torch.channels_last)
-
-    def step():
-        with extraction.numerics(device, precision):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-        else:
-            loss.backward()
-            opt.step()
-
-    def epoch():
-        model.train()
-        for _ in range(-(-n_train // batch)):
-            step()
-        model.eval()
-        with torch.inference_mode(), extraction.numerics(device, precision):
-            for _ in range(-(-n_val // eval_batch)):
-                model(xv)
-
-    step()  # warm-up
-    _, seconds = timed(device, epoch)
-    return seconds
 
 
 def finetune_run(data_dir: str, cache: str, device: str, precision: str, epochs: int,
