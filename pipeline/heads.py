@@ -255,13 +255,18 @@ def features_path(cfg: HeadsConfig) -> str:
     """The feature cache the heads stage reads: ``--features`` or the one `features` names."""
     if cfg.features:
         return cfg.features
-    from . import features
+    from . import uptodate
     from .config import FeaturesConfig
 
+    request = FeaturesConfig(data=cfg.data, cache=cfg.cache, weights=cfg.weights, device=cfg.device,
+                             precision=cfg.precision, views=cfg.views, seed=cfg.seed)
+    path = uptodate.cache_path(request)  # straight after `features`: its stamp, without importing torch
+    if path is not None:
+        return path
+    from . import features
+
     # From the features stage's index: no weights loaded, no image folder listed.
-    return features.find_cache(FeaturesConfig(
-        data=cfg.data, cache=cfg.cache, weights=cfg.weights, device=cfg.device, precision=cfg.precision,
-        views=cfg.views, seed=cfg.seed))
+    return features.find_cache(request)
 
 
 def _chosen_heads(cfg: HeadsConfig) -> Tuple[str, ...]:

@@ -99,3 +99,14 @@ def test_no_stamp_when_the_data_changed_during_the_run(tmp_path, small_images, m
     monkeypatch.setattr(features, "run", racing)
     assert cli.main(args) == 0
     assert not os.path.exists(uptodate.stamp_file(str(tmp_path / "c")))
+
+
+def test_heads_straight_after_features_pays_no_second_check_and_no_torch(project, tmp_path):
+    data, args = project
+    heads = ["heads", "--data", str(data), "--cache", args[4], "--weights", "random", "--device", "cpu",
+             "--heads", "ridge", "--cv-folds", "2"]
+    code = ("import sys; from pipeline import cli, config; config.PREPROCESS.update(%r); rc = cli.main(%r); "
+            "print('torch' in sys.modules, rc)" % (SMALL_PREPROCESS, heads))
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "False 0", out.stderr[-2000:]
