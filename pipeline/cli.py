@@ -142,8 +142,8 @@ def _add_heads(sub) -> None:
     p.add_argument("--features", default=d.features, metavar="FILE",
                    help="an explicit feature cache file; default: the one `features` makes for these options")
     p.add_argument("--heads", nargs="+", default=list(d.heads), metavar="NAME",
-                   help="heads to fit, comma- or space-separated: logistic, sgd_log, sgd_hinge, linear_svm, "
-                        "ridge, knn, nearest_centroid, or all")
+                   help="heads to fit, comma- or space-separated: logistic, linear_svm, ridge (the default "
+                        "suite), sgd_log, sgd_hinge (--out-of-core's default), knn, nearest_centroid, or all")
     p.add_argument("--use-views", action="store_true", help="train on the cached augmented views too")
     p.add_argument("--cv-folds", type=integer, default=d.cv_folds, help="stratified CV folds on train")
     p.add_argument("--out-of-core", action="store_true",
