@@ -21,7 +21,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from pipeline import backbone  # noqa: E402
+from pipeline import backbone, extraction  # noqa: E402
 from pipeline.config import PREPROCESS  # noqa: E402
 
 # CPU flags that decide how fast this code can run (bf16 autocast is only a win with native bf16).
@@ -103,7 +103,7 @@ def forward_floor(weights, device: torch.device, precision: str, batch: int, n_i
         x = x.contiguous(memory_format=torch.channels_last)
     steps = max(1, -(-n_images // batch))
     best = 0.0
-    with torch.inference_mode(), backbone.autocast(device, precision):
+    with torch.inference_mode(), extraction.numerics(device, precision):  # the extraction's arithmetic
         model(x).float()  # warm-up: oneDNN primitives, allocator
         for _ in range(max(1, repeats)):
             _sync(device)
