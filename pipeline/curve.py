@@ -6,6 +6,10 @@ For each ``k`` in 1, 2, 4, 8, ... (and finally every train image), each head is 
 grows). Inside a subset the head's hyper-parameter is chosen exactly as the heads stage
 chooses it, by stratified k-fold CV on that subset alone (``min(cv_folds, k)`` folds).
 
+The SGD heads stop early on a 10% validation split of their training rows (scikit-learn's
+``early_stopping``), which needs at least 10 images per class in every fit: below that (the
+small ``k``) they run their fixed 50 epochs instead, in CV and in the final fit alike.
+
 Fallback at ``k = 1``: one image per class leaves nothing to cross-validate, so each head uses
 its estimator's scikit-learn default for the hyper-parameter (``C=1``, ``alpha=1e-4`` for
 SGD, ``alpha=1`` for ridge), and kNN uses ``n_neighbors=1``: a choice fixed before seeing any data, never
@@ -17,6 +21,7 @@ and the numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -106,12 +111,25 @@ def _default_value(name: str, n_train: int):
     return type(spec.build(spec.grid[0], 0))().get_params()[spec.param]
 
 
-def _fit_predict(name: str, X: np.ndarray, y: np.ndarray, folds, X_val: np.ndarray, seed: int):
+# scikit-learn's early stopping holds out 10% of a fit's rows stratified: every class needs a row there.
+_EARLY_STOPPING_MIN_PER_CLASS = 10
+
+
+def _spec(name: str, per_class: int):
+    """The head's spec; SGD heads without early stopping when a fit has too few images per class."""
     spec = REGISTRY[name]
+    if per_class >= _EARLY_STOPPING_MIN_PER_CLASS or not spec.out_of_core:  # out_of_core: the SGD heads
+        return spec
+    build = spec.build
+    return dataclasses.replace(spec, build=lambda v, s, warm_start=False, streamed=False:
+                               build(v, s, warm_start=warm_start, streamed=True))
+
+
+def _fit_predict(spec, X: np.ndarray, y: np.ndarray, folds, X_val: np.ndarray, seed: int):
     if folds is not None:
         value = cross_validate(spec, folds, seed, 1, "curve").get("best", {}).get(spec.param)
     else:
-        value = _default_value(name, len(y))
+        value = _default_value(spec.name, len(y))
     model = make_pipeline(StandardScaler(), spec.build(value, seed))
     model.fit(X, y)
     return model.predict(X_val), value
@@ -156,9 +174,11 @@ def heads_curve(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_v
                 X, y = X_train[idx], y_train[idx]
                 folds = (make_folds(TrainData(X, y, np.arange(len(y)), len(y), 0), n_folds, seed)
                          if n_folds >= 2 else None)
+                smallest = int(np.bincount(y).min())
+                per_class = smallest * (n_folds - 1) // n_folds if n_folds >= 2 else smallest  # in a CV fit
                 for i, name in enumerate(heads):
                     t = time.process_time()
-                    pred, value = _fit_predict(name, X, y, folds, X_val, seed)
+                    pred, value = _fit_predict(_spec(name, per_class), X, y, folds, X_val, seed)
                     fit_seconds[i, j] += time.process_time() - t
                     accuracy[i, j, s] = float(np.mean(pred == y_val))
                     chosen[i][j].append(value)

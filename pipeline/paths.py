@@ -12,7 +12,7 @@
     <cache>/runs/<run name>/                    an end-to-end run: model.pt, last.pt,
                                                 history.json, metrics.json (finetune.py)
     <cache>/export/<kind>-<name>.onnx           an exported classifier (+ .json sidecar)
-    <reports>/compare.md | .csv | .json         the comparison report (+ its figures)
+    <reports>/compare/compare.md | .csv | .json the comparison report (+ figures/), one published set
 
 Folder and file names only: nothing here touches the disk. The defaults of ``<cache>``
 and ``<reports>`` are in config.py.

@@ -71,3 +71,10 @@ def test_curve_is_reproducible_and_seed_dependent():
     doc = curve.to_json(a)
     assert doc["ks"] == [1, 2, 4, 8] and doc["heads"]["ridge"][0]["n_subsets"] == 5
     assert doc["tests_use_subset"] == 0
+
+
+def test_sgd_heads_fit_the_smallest_subsets():
+    """Early stopping needs 10 images per class in a fit; below that the SGD heads run without it."""
+    X_tr, y_tr, X_va, y_va = _data(n_per_class=4, n_val=5)
+    res = curve.heads_curve(X_tr, y_tr, X_va, y_va, ("sgd_log", "sgd_hinge"), n_subsets=5, seed=0)
+    assert res.ks == [1, 2, 4] and not np.isnan(res.accuracy[:, :2]).any()
