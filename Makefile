@@ -48,9 +48,9 @@ finetune: $(STAMP)  ## end-to-end training runs (MODES="finetune scratch")
 compare: heads finetune  ## run what is missing, then write reports/compare/ (CURVE=0 skips the data-size curve)
 	$(PY) -m pipeline compare --cache $(CACHE_DIR) $(DATA_OPT) $(if $(filter 0,$(CURVE)),--no-curve)
 
-export: $(STAMP)  ## one ONNX image classifier from HEAD=NAME or RUN=MODE[-SEED] -> cache/export/ (or OUT)
-	@$(if $(HEAD)$(RUN),,echo "set HEAD=NAME (a head, e.g. logistic) or RUN=MODE[-SEED] (e.g. finetune)" >&2; exit 2)
-	$(PY) -m pipeline export $(if $(HEAD),--head $(HEAD)) $(if $(RUN),--run $(RUN)) --cache $(CACHE_DIR) $(if $(OUT),--out $(OUT))
+export: $(STAMP)  ## one ONNX classifier: compare's recommendation, or HEAD=NAME / RUN=MODE[-SEED]
+	$(PY) -m pipeline export $(if $(HEAD)$(RUN),$(if $(HEAD),--head $(HEAD)) $(if $(RUN),--run $(RUN)),--recommended) \
+	  --cache $(CACHE_DIR) $(if $(OUT),--out $(OUT))
 
 test: $(STAMP)  ## the test suite (fast part, ~5 minutes on 2 cores)
 	$(PY) -m pytest -q

@@ -306,6 +306,8 @@ def _add_export(sub) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--head", metavar="NAME", help="a saved head under <cache>/heads/ (a linear one)")
     which.add_argument("--run", metavar="MODE[-SEED]", help="a finished run under <cache>/runs/")
+    which.add_argument("--recommended", action="store_true", help="the method the last `compare` recommends")
+    p.add_argument("--reports", default=d.reports, metavar="DIR", help="where `compare` wrote its report")
     p.add_argument("--cache", default=d.cache, metavar="DIR", help="cache folder holding heads/ and runs/")
     p.add_argument("--out", default=d.out, metavar="PATH", help="the .onnx file or a folder; default: <cache>/export/")
     p.add_argument("--weights", default=d.weights,

@@ -321,6 +321,8 @@ class ExportConfig:
 
     head: str = ""  # a head name under <cache>/heads/ (or its sidecar path); or:
     run: str = ""  # a run name under <cache>/runs/: MODE or MODE-SEED
+    recommended: bool = False  # or: the method `compare` recommends (its compare.json under reports)
+    reports: str = "reports"  # where `compare` wrote its report (with recommended)
     cache: str = DEFAULT_CACHE_DIR
     out: str = ""  # the .onnx file (or a folder for it); default: <cache>/export/
     weights: str = ""  # a head's backbone weights; default: those its features were made with

@@ -20,6 +20,7 @@ PyTorch). The file gets its final name only if the probabilities agree within
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -44,7 +45,7 @@ from .errors import ParameterError, UserError
 from .heads import REGISTRY
 from .onnx_client import FORMAT, OnnxClassifier
 from .records import RunRecord, read_json
-from .paths import export_dir, run_dir, runs_dir
+from .paths import export_dir, report_files, run_dir, runs_dir
 from .versions import TORCH_STACK, library_versions
 
 __all__ = ["Folded", "fold_head", "exportable_heads", "ExportResult", "run", "export_dir", "FORMAT"]
@@ -429,7 +430,8 @@ class ExportResult:
     def summary(self) -> str:
         d, v = self.doc, self.doc["verification"]
         label = "" if d["weights"]["pretrained"] else " (not pretrained: random backbone weights)"
-        lines = [f"exported {d['source']['kind']} {d['source']['name']}{label} -> {self.path}",
+        chosen = " (what compare recommends)" if d["source"].get("recommended_by") else ""
+        lines = [f"exported {d['source']['kind']} {d['source']['name']}{chosen}{label} -> {self.path}",
                  f"  {d['size_bytes'] / 1e6:.1f} MB, ONNX opset {d['opset']}, outputs {', '.join(d['outputs'])}, "
                  f"{len(d['classes'])} classes, input {d['input']['shape']} in [0, 1]; {d['export_seconds']:.1f} s",
                  f"  checked on {v['images']} val images against {v['against']}: max |Δ probability| "
@@ -484,12 +486,37 @@ def _verify(path: str, source: Source, tolerance: float) -> dict:
     return result
 
 
+def recommended(cfg: ExportConfig) -> Tuple[ExportConfig, str]:
+    """``cfg`` naming the head or run that the last ``compare`` recommends, and the compare.json
+    that says so; for several seeds of a mode, the seed its tests used."""
+    path = report_files(cfg.reports)["json"]
+    try:
+        doc = read_json(path)
+        row = next(r for r in doc["rows"] if r.get("recommended"))
+        results = row["per_seed"]
+        result = next((r for r in results if r.get("seed") == row.get("tested_seed")), results[0])
+        kind, name, source = result["kind"], result["name"], result["source"]
+    except FileNotFoundError:
+        raise UserError(f"no comparison report at {path!r}; run `make compare` first (or pass --reports DIR), "
+                        "or name the source with --head NAME / --run MODE[-SEED]") from None
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, IndexError) as exc:
+        raise UserError(f"{path!r} names no recommended method ({type(exc).__name__}: {exc}); rerun `make compare`, "
+                        "or name the source with --head NAME / --run MODE[-SEED]") from None
+    if kind == "head":
+        return dataclasses.replace(cfg, recommended=False, head=source), path
+    cache = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(source))))  # <cache>/runs/<name>/...
+    return dataclasses.replace(cfg, recommended=False, run=name, cache=cache), path
+
+
 def run(cfg: ExportConfig) -> ExportResult:
     """Build, write and verify the ONNX file for ``cfg.head`` or ``cfg.run``; see the module doc."""
     started = time.perf_counter()
-    if bool(cfg.head) == bool(cfg.run):  # here, not in ExportConfig: its defaults name neither
-        raise ParameterError("name one source: {head} NAME (a saved head) or {run} MODE[-SEED] (a finished run)",
-                             "head", "run")
+    if bool(cfg.head) + bool(cfg.run) + bool(cfg.recommended) != 1:  # here: ExportConfig's defaults name none
+        raise ParameterError("name one source: {head} NAME (a saved head), {run} MODE[-SEED] (a finished run) or "
+                             "{recommended} (what `compare` recommends)", "head", "run", "recommended")
+    chosen_by = ""
+    if cfg.recommended:
+        cfg, chosen_by = recommended(cfg)
     try:
         import onnx
     except ImportError:
@@ -500,7 +527,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     names = output_names(source.proba)
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
-        "source": source.doc,
+        "source": dict(source.doc, **({"recommended_by": os.path.abspath(chosen_by)} if chosen_by else {})),
         "classes": source.classes,
         "input": {"name": "image", "shape": ["N", 3, crop, crop], "dtype": "float32", "range": [0, 1],
                   "layout": "NCHW, RGB"},

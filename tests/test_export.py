@@ -228,3 +228,19 @@ def test_a_run_checkpoint_changed_after_training_is_refused(project, tmp_path):
         assert os.listdir(tmp_path) == []
     finally:
         checkpoint.write_bytes(original)
+
+
+def test_recommended_names_what_compare_recommends(project, tmp_path):
+    from pipeline import compare
+    from pipeline.config import CompareConfig
+
+    _, cache = project["three"]
+    reports = str(tmp_path / "reports")
+    with pytest.raises(UserError, match="make compare"):
+        export.recommended(ExportConfig(recommended=True, reports=reports, cache=cache))
+    result = compare.run(CompareConfig(cache=cache, reports=reports, curve=False, figures=False))
+    cfg, by = export.recommended(ExportConfig(recommended=True, reports=reports, cache=cache))
+    assert os.path.isfile(by) and not cfg.recommended and not cfg.run
+    assert json.load(open(cfg.head))["name"] == result.recommended.label  # the head's sidecar
+    with pytest.raises(UserError, match="name one source"):
+        export.run(ExportConfig(cache=cache))
