@@ -95,6 +95,8 @@ def _add_features(sub) -> None:
     p.add_argument("--strict", action="store_true", help="an undecodable image is fatal instead of skipped")
     p.add_argument("--no-draft", dest="draft", action="store_false", help="decode large JPEGs at full resolution")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
+    p.add_argument("--engine", default=d.engine, choices=config.ENGINES,
+                   help="what runs the forward pass: torch, or onnxruntime (CPU, fp32; pip install -e '.[onnx]')")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
                    help="under torchrun: seconds a rank waits for the others before giving up")

@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_CACHE_DIR",
     "DEFAULT_DATA_URL",
     "PRECISIONS",
+    "ENGINES",
     "HEAD_FORMATS",
     "MODES",
     "BN_CHOICES",
@@ -64,6 +65,7 @@ FLOAT32_MAX = 3.4028234663852886e38  # the optimiser's scalars become float32 te
 # The accepted values of the options with a fixed set of choices (the CLI's ``choices`` and
 # the stages' checks read these).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ENGINES = ("torch", "onnxruntime")  # what runs the features stage's forward pass (onnxruntime: CPU, fp32)
 HEAD_FORMATS = ("joblib", "skops")  # model files of a head
 MODES = ("finetune", "scratch", "fixed", "partial")  # end-to-end training modes
 BN_CHOICES = ("frozen-eval", "train")
@@ -160,6 +162,7 @@ class FeaturesConfig:
     strict: bool = False  # an undecodable image is fatal instead of skipped
     draft: bool = True  # decode large JPEGs at reduced scale (DCT draft) when it is safe
     channels_last: bool = True
+    engine: str = "torch"  # torch | onnxruntime (CPU, fp32; the [onnx] extra)
     rebuild: bool = False  # discard any existing cache for these settings first
     progress: bool = True
     # Under torchrun: the longest any rank waits for the others at a meeting point (seconds).
@@ -167,6 +170,7 @@ class FeaturesConfig:
 
     def __post_init__(self):
         _one_of(self, "precision", PRECISIONS)
+        _one_of(self, "engine", ENGINES)
         _interval(self, "batch_size", 0)
         _interval(self, "views", 0, MAX_VIEWS)
         _workers(self)

@@ -84,6 +84,7 @@ class Resolved:
     precision: str
     settings: dict
     path: str
+    engine: str = "torch"  # what computes the features (not part of the key: fp32 either way)
 
 
 def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resolved:
@@ -91,6 +92,9 @@ def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resol
     if device is None:
         device = backbone.choose_device(cfg.device)
     precision = backbone.choose_precision(cfg.precision, device)
+    if cfg.engine == "onnxruntime" and (device.type != "cpu" or precision != "fp32"):
+        raise UserError(f"--engine onnxruntime computes fp32 on CPU, not {precision} on {device}; pass "
+                        "--device cpu --precision fp32 (the same to heads), or use --engine torch")
     weights = extraction.load_weights(cfg.weights, cfg.seed)
     dataset = data.discover(cfg.data)
     settings = {
@@ -103,7 +107,7 @@ def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resol
         "format_version": store.FORMAT_VERSION,
     }
     path = store.cache_file(cfg.cache, dataset.root, store.settings_key(settings))
-    return Resolved(dataset, weights, device, precision, settings, path)
+    return Resolved(dataset, weights, device, precision, settings, path, cfg.engine)
 
 
 def _request(cfg: FeaturesConfig, precision: str) -> str:
@@ -208,8 +212,13 @@ def _extract(res: Resolved, cfg: FeaturesConfig, todo: Dict[str, List[Tuple[str,
     total = sum(len(v) for v in todo.values())
     if not total:
         return []
-    engine = extraction.Extractor(res.weights, res.device, res.precision, cfg.batch_size, cfg.workers,
-                                  cfg.channels_last, processes=ctx.local_world_size)
+    if res.engine == "onnxruntime":
+        from .onnx_engine import OnnxExtractor
+
+        engine = OnnxExtractor(res.weights, cfg.cache, cfg.batch_size, cfg.workers, processes=ctx.local_world_size)
+    else:
+        engine = extraction.Extractor(res.weights, res.device, res.precision, cfg.batch_size, cfg.workers,
+                                      cfg.channels_last, processes=ctx.local_world_size)
     desc = f"features rank 0/{ctx.world_size}" if ctx.is_distributed else "features"
     bar = tqdm(total=total, unit="img", desc=desc, disable=not (cfg.progress and ctx.is_primary),
                dynamic_ncols=True)
@@ -274,6 +283,7 @@ def _meta(res: Resolved, extract_seconds: float, processes: int = 1) -> dict:
         "extract_device": str(res.device),
         "extract_processes": processes,
         "extract_threads": torch.get_num_threads(),
+        "extract_engine": res.engine,
         "backbone": backbone.BACKBONE,
         "weights_id": res.weights.id,
         "weights_sha256": res.weights.sha256,

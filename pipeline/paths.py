@@ -8,6 +8,7 @@
     <cache>/features/uptodate.json              the stamp of the last extraction (uptodate.py)
     <cache>/features/index.json                 which cache file holds which settings (features
                                                 writes it, heads reads it)
+    <cache>/features/onnx/resnet18-<sha16>-<crop>.onnx  the extractor for --engine onnxruntime
     <cache>/heads/<name>.joblib | .skops        a fitted head, and <name>.json its sidecar
     <cache>/runs/<run name>/                    an end-to-end run: model.pt, last.pt,
                                                 history.json, metrics.json (finetune.py)
@@ -30,6 +31,7 @@ __all__ = [
     "shards_dir",
     "shard_file",
     "stamp_file",
+    "onnx_backbone_file",
     "heads_dir",
     "head_sidecar",
     "runs_dir",
@@ -72,6 +74,11 @@ def shard_file(path: str, rank: int, world_size: int, tag: str) -> str:
 def stamp_file(cache: str) -> str:
     """What the last extraction was asked and found: a rerun of the same command checks it first."""
     return os.path.join(features_dir(cache), "uptodate.json")
+
+
+def onnx_backbone_file(cache: str, weights_sha256: str, crop: int) -> str:
+    """The extractor exported to ONNX for ``--engine onnxruntime``, once per weights and crop."""
+    return os.path.join(features_dir(cache), "onnx", f"resnet18-{weights_sha256[:16]}-{crop}.onnx")
 
 
 def heads_dir(cache: str) -> str:
