@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
-import json
 import logging
 import os
 import random
@@ -43,11 +41,12 @@ from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import backbone, data, extraction, files, metrics, paths, splits as subsets, store
+from . import backbone, checkpoints, data, extraction, files, metrics, paths, splits as subsets, store
 from .config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_select
 from .errors import UserError
+from .checkpoints import RUN_FORMAT, verify_checkpoint  # noqa: F401 (re-exported: tests and export read them here)
 from .extraction import default_batch_size, default_workers
-from .records import RunRecord, read_json
+from .records import RunRecord
 from .versions import TORCH_STACK, library_versions
 
 __all__ = [
@@ -65,11 +64,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RUN_FORMAT = "pipeline.run"
-RUN_FORMAT_VERSION = 2  # 2: model.pt (the reported model) replaces best.pt (chosen on val)
 # The network as an ordered list of stages; a mode freezes a prefix of it.
 _STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc")
-_FILES = ("metrics.json", "last.pt", "model.pt", "best.pt", "history.json")  # best.pt: format 1 leftovers
 BEST_VAL_NOTE = "best epoch on val: chosen on val, optimistic"
 
 
@@ -495,93 +491,7 @@ def _evaluate(s: _Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.
     return loss, out.argmax(1).cpu().numpy(), out.softmax(1).cpu().numpy()
 
 
-# --------------------------------------------------------------------------- files
-
-
-def _save_pt(obj: dict, path: str) -> str:
-    """Save a checkpoint atomically; returns the sha256 of the bytes written."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getbuffer()
-    files.atomic_write(path, lambda fh: fh.write(data))
-    return hashlib.sha256(data).hexdigest()
-
-
-def verify_checkpoint(path: str, sha256: str) -> None:
-    """Refuse a checkpoint whose bytes are not the ones its run recorded (``torch.load`` loads
-    most damage silently: a flipped bit in a weight is still a valid file).
-
-    Raises
-    ------
-    UserError
-        The file is missing or its sha256 differs; the message names it and ``--rebuild``.
-    """
-    try:
-        got = files.file_digest(path, "sha256")
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path!r} is missing; restore it, or rerun with --rebuild to train this "
-                        "run again from the start") from None
-    if got != sha256:
-        raise UserError(f"checkpoint {path!r} does not match the sha256 its run recorded ({got[:12]}…, expected "
-                        f"{sha256[:12]}…): it was modified or damaged after saving; restore it, or rerun with "
-                        "--rebuild to train this run again from the start")
-
-
-def _save_json(obj: dict, path: str) -> None:
-    files.atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode("utf-8")))
-
-
-def _load_pt(path: str) -> Optional[dict]:
-    """A checkpoint of this project, on CPU whatever device saved it; None when missing or of
-    another format version (start over).
-
-    Raises
-    ------
-    UserError
-        The file is damaged. Checkpoints are written atomically, so this is damage from
-        outside (a disk, a copy): say so rather than silently train again over the results.
-    """
-    if not os.path.isfile(path):
-        return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"checkpoint {path!r} is damaged ({type(exc).__name__}); restore it, or rerun with "
-                        "--rebuild to train this run again from the start") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != RUN_FORMAT \
-            or ckpt.get("format_version") != RUN_FORMAT_VERSION:
-        return None
-    return ckpt
-
-
-def _cpu_state(module: nn.Module) -> Dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-
-
-def _rng_state(loaders: _Loaders, device: torch.device) -> dict:
-    keys, pos, has_gauss, cached = np.random.get_state()[1:]
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": random.getstate(),
-        "loader_generator": loaders.generator.get_state(),
-        "sampler": {"seed": loaders.sampler.seed, "epoch": loaders.sampler.epoch},
-    }
-    # No CUDA generator state: nothing here draws from it (augmentation, shuffling and init
-    # are CPU generators), and torch.cuda.set_rng_state_all would fail on a resume that sees
-    # fewer GPUs than the run that saved it.
-    return state
-
-
-def _restore_rng(state: dict, loaders: _Loaders, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    npst = state["numpy"]
-    np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
-    random.setstate(state["python"])
-    loaders.generator.set_state(state["loader_generator"])
-    # A "cuda" entry (checkpoints of earlier versions) is ignored: see _rng_state.
+# --------------------------------------------------------------------------- settings
 
 
 def _items_digest(root: str, items: Sequence[data.Item]) -> str:
@@ -598,7 +508,7 @@ def _settings(ctx: FinetuneRun) -> dict:
     cfg, seed, weights, dataset, splits = ctx.cfg, ctx.seed, ctx.weights, ctx.dataset, ctx.splits
     device, precision = ctx.device, ctx.precision
     return {
-        "format_version": RUN_FORMAT_VERSION,
+        "format_version": checkpoints.RUN_FORMAT_VERSION,
         "backbone": backbone.BACKBONE,
         "mode": cfg.mode,
         "trainable_from": cfg.trainable_from if cfg.mode == "partial" else None,
@@ -638,87 +548,6 @@ def _say(message: str, progress: bool) -> None:
         log.info(message)
 
 
-def _clear(directory: str) -> None:
-    # metrics.json goes first: from then on the run is visibly unfinished.
-    for name in _FILES:
-        path = os.path.join(directory, name)
-        if os.path.exists(path):
-            os.remove(path)
-
-
-def _existing(directory: str, key: str, epochs: int) -> Tuple[Optional[dict], Optional[dict]]:
-    """(complete metrics, resumable checkpoint) of a previous run with the same settings.
-
-    A complete run's checkpoints are checked against the sha256 its record holds before they
-    are used; an unfinished run's ``model.pt`` (holdout selection) against the one ``last.pt`` holds.
-    """
-    last, model = os.path.join(directory, "last.pt"), os.path.join(directory, "model.pt")
-    try:
-        done = RunRecord.from_json(read_json(os.path.join(directory, "metrics.json")))
-    except (OSError, ValueError):  # missing, damaged or another schema: evaluated and written again
-        done = None
-    recorded = done.checkpoints if done is not None and done.key == key else {}
-    if recorded.get("last.pt") and os.path.isfile(last):
-        verify_checkpoint(last, recorded["last.pt"])
-    ckpt = _load_pt(last)
-    if ckpt is None:
-        _clear(directory)
-        return None, None
-    if ckpt.get("key") != key:
-        log.info("settings changed since %s was saved: starting over", directory)
-        _clear(directory)
-        return None, None
-    if ckpt["epoch"] > epochs:
-        log.info("%s already has %d epochs, more than the %d asked: starting over", directory,
-                 ckpt["epoch"], epochs)
-        _clear(directory)
-        return None, None
-    complete = bool(done and done.complete and done.key == key and done.epochs == epochs and ckpt["epoch"] == epochs)
-    if complete and recorded.get("model.pt"):
-        verify_checkpoint(model, recorded["model.pt"])
-    elif ckpt["selected_epoch"] and ckpt.get("model_sha256"):
-        _check_selected(model, ckpt)
-    if (ckpt["selected_epoch"] or complete) and _load_pt(model) is None:
-        raise UserError(f"checkpoint {os.path.join(directory, 'model.pt')!r} is missing or not this "
-                        "project's; restore it, or rerun with --rebuild to train this run again from the start")
-    if complete:
-        _repair_history(directory, ckpt)
-        return done, ckpt
-    path = os.path.join(directory, "metrics.json")
-    if os.path.exists(path):
-        os.remove(path)  # about to train further: the old result is no longer the run's
-    return None, ckpt
-
-
-def _check_selected(path: str, ckpt: dict) -> None:
-    """An unfinished run's ``model.pt`` is the one ``last.pt`` recorded.
-
-    ``model.pt`` is saved before ``last.pt`` in an epoch, so a run killed between the two has
-    a ``model.pt`` of the epoch it redoes, newer than ``last.pt`` knows: that one is accepted
-    (and its sha256 taken), since redoing the epoch writes it again.
-    """
-    try:
-        verify_checkpoint(path, ckpt["model_sha256"])
-    except UserError:
-        newer = _load_pt(path) if os.path.isfile(path) else None
-        if newer is None or newer.get("epoch", 0) <= ckpt["epoch"]:
-            raise
-        ckpt["model_sha256"] = files.file_digest(path, "sha256")
-
-
-def _repair_history(directory: str, ckpt: dict) -> None:
-    """Rewrite a damaged history.json of a complete run from last.pt, which holds the same list."""
-    path = os.path.join(directory, "history.json")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            if isinstance(json.load(fh).get("epochs"), list):
-                return
-    except (OSError, ValueError, AttributeError):
-        pass
-    log.warning("rewriting the damaged or missing %s from last.pt", path)
-    _save_json({"epochs": ckpt["history"]}, path)
-
-
 def _run_one(ctx: FinetuneRun, threads: int) -> RunResult:
     os.makedirs(ctx.directory, exist_ok=True)
     ctx.weights = _initial_weights(ctx.cfg, ctx.seed)
@@ -727,8 +556,8 @@ def _run_one(ctx: FinetuneRun, threads: int) -> RunResult:
     with FileLock(ctx.file(".lock")):
         files.remove_temporaries(ctx.directory)
         if ctx.cfg.rebuild:
-            _clear(ctx.directory)
-        done, ckpt = _existing(ctx.directory, ctx.key, ctx.cfg.epochs)
+            checkpoints.clear(ctx.directory)
+        done, ckpt = checkpoints.previous(ctx.directory, ctx.key, ctx.cfg.epochs)
         if done is not None:
             return RunResult(ctx.name, ctx.directory, done, up_to_date=True)
         # A resumed run keeps its thread count: CPU reductions split by thread, and
@@ -768,13 +597,13 @@ def _train(ctx: FinetuneRun, ckpt: Optional[dict]) -> RunResult:
         if t.loaders.holdout is not None and t.history[-1]["holdout_acc"] > t.selected_score:
             t.selected_score, t.selected_epoch = t.history[-1]["holdout_acc"], epoch + 1
             t.model_sha256 = _save_model(ctx, t, "holdout")
-        _save_json({"epochs": t.history}, ctx.file("history.json"))
-        _save_pt(dict(t.meta, model=_cpu_state(t.net.model), optimizer=t.step.optimizer.state_dict(),
+        checkpoints.save_json({"epochs": t.history}, ctx.file(paths.RUN_HISTORY))
+        checkpoints.save(dict(t.meta, model=checkpoints.cpu_state(t.net.model), optimizer=t.step.optimizer.state_dict(),
                       scheduler=t.scheduler.state_dict(),
                       scaler=t.step.scaler.state_dict() if t.step.scaler else None,
                       epoch=epoch + 1, selected_score=t.selected_score, selected_epoch=t.selected_epoch,
-                      model_sha256=t.model_sha256, history=t.history, rng=_rng_state(t.loaders, ctx.device)),
-                 ctx.file("last.pt"))
+                      model_sha256=t.model_sha256, history=t.history, rng=checkpoints.rng_state(t.loaders.generator, t.loaders.sampler)),
+                 ctx.file(paths.RUN_LAST))
     if t.loaders.holdout is None:  # the fixed schedule's result: the final epoch's model
         t.selected_epoch = len(t.history)
         t.model_sha256 = _save_model(ctx, t, "final")
@@ -802,20 +631,20 @@ def _setup(ctx: FinetuneRun, ckpt: Optional[dict]) -> _Training:
         t.history, t.start = ckpt["history"], ckpt["epoch"]
         t.selected_score, t.selected_epoch = ckpt["selected_score"], ckpt["selected_epoch"]
         t.model_sha256 = ckpt.get("model_sha256", "")
-        _restore_rng(ckpt["rng"], loaders, device)
-        _say(f"{ctx.name}: resuming after epoch {t.start} of {cfg.epochs} from {ctx.directory}/last.pt",
+        checkpoints.restore_rng(ckpt["rng"], loaders.generator)
+        _say(f"{ctx.name}: resuming after epoch {t.start} of {cfg.epochs} from {ctx.file(paths.RUN_LAST)}",
              cfg.progress)
     net.finalize(cfg.channels_last)
-    t.meta = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "key": ctx.key, "name": ctx.name,
-              "mode": cfg.mode, "classes": ctx.dataset.classes, "config": _resolved_config(ctx, loaders),
+    t.meta = {"format": RUN_FORMAT, "format_version": checkpoints.RUN_FORMAT_VERSION, "key": ctx.key,
+              "name": ctx.name, "mode": cfg.mode, "classes": ctx.dataset.classes, "config": _resolved_config(ctx, loaders),
               "weights_id": ctx.weights.id, "pretrained": ctx.weights.pretrained}
     return t
 
 
 def _save_model(ctx: FinetuneRun, t: _Training, selected_on: str) -> str:
     """Save the reported model (the selected epoch's) as model.pt; returns its sha256."""
-    return _save_pt(dict(t.meta, model=_cpu_state(t.net.model), epoch=t.selected_epoch, selected_on=selected_on),
-                    ctx.file("model.pt"))
+    return checkpoints.save(dict(t.meta, model=checkpoints.cpu_state(t.net.model), epoch=t.selected_epoch, selected_on=selected_on),
+                    ctx.file(paths.RUN_MODEL))
 
 
 def _epoch(ctx: FinetuneRun, t: _Training, epoch: int) -> dict:
@@ -865,7 +694,7 @@ def _selection(ctx: FinetuneRun, t: _Training) -> dict:
 def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
     """Score the reported model (model.pt) once on val; write metrics.json (last: it marks the run complete)."""
     cfg, history, splits = ctx.cfg, t.history, ctx.splits
-    best_path = ctx.file("model.pt")
+    best_path = ctx.file(paths.RUN_MODEL)
     if t.model_sha256:
         verify_checkpoint(best_path, t.model_sha256)
     t.net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
@@ -906,11 +735,11 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
         versions=library_versions(*TORCH_STACK),
         size_bytes=os.path.getsize(best_path),
         checkpoint=os.path.basename(best_path),
-        checkpoints={name: files.file_digest(ctx.file(name), "sha256") for name in ("model.pt", "last.pt")},
+        checkpoints={name: files.file_digest(ctx.file(name), "sha256") for name in (paths.RUN_MODEL, paths.RUN_LAST)},
         skipped=ctx.skipped,
         key=ctx.key,
         settings=ctx.settings,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    _save_json(record.to_json(), ctx.file("metrics.json"))
+    checkpoints.save_json(record.to_json(), ctx.file(paths.RUN_METRICS))
     return record

@@ -11,7 +11,8 @@
     <cache>/features/onnx/resnet18-<sha16>-<crop>.onnx  the extractor for --engine onnxruntime
     <cache>/heads/<name>.joblib | .skops        a fitted head, and <name>.json its sidecar
     <cache>/runs/<run name>/                    an end-to-end run: model.pt, last.pt,
-                                                history.json, metrics.json (finetune.py)
+                                                history.json, metrics.json (finetune.py,
+                                                checkpoints.py)
     <cache>/export/<kind>-<name>.onnx           an exported classifier (+ .json sidecar)
     <reports>/compare/compare.md | .csv | .json the comparison report (+ figures/), one published set
 
@@ -36,6 +37,10 @@ __all__ = [
     "head_sidecar",
     "runs_dir",
     "run_dir",
+    "RUN_METRICS",
+    "RUN_MODEL",
+    "RUN_LAST",
+    "RUN_HISTORY",
     "export_dir",
     "report_dir",
     "report_files",
@@ -97,6 +102,14 @@ def runs_dir(cache: str) -> str:
 def run_dir(cache: str, name: str) -> str:
     """The folder of the run named ``name`` (``finetune.run_name`` makes the names)."""
     return os.path.join(runs_dir(cache), name)
+
+
+# The files of a run folder (finetune.py and checkpoints.py write them). metrics.json is written
+# last, so a run without it is unfinished.
+RUN_METRICS = "metrics.json"  # the run's record (records.RunRecord)
+RUN_MODEL = "model.pt"  # the reported model: the final epoch's, or the epoch chosen on held-out train images
+RUN_LAST = "last.pt"  # the state after the last finished epoch: what an interrupted run resumes from
+RUN_HISTORY = "history.json"  # one entry per epoch
 
 
 def export_dir(cache: str) -> str:
