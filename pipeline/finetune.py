@@ -28,7 +28,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,11 +40,11 @@ from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import backbone, checkpoints, data, extraction, files, metrics, paths, splits as subsets, store
+from . import backbone, checkpoints, data, extraction, files, finetune_data, metrics, paths, store
 from .config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_select
-from .errors import UserError
 from .checkpoints import RUN_FORMAT, verify_checkpoint  # noqa: F401 (re-exported: tests and export read them here)
 from .extraction import default_batch_size, default_workers
+from .finetune_result import FinetuneResult, RunResult
 from .records import RunRecord
 from .versions import TORCH_STACK, library_versions
 
@@ -59,6 +58,7 @@ __all__ = [
     "run_name",
     "run_dir",
     "train_one_epoch",
+    "evaluate",
     "verify_checkpoint",
 ]
 
@@ -66,83 +66,6 @@ log = logging.getLogger(__name__)
 
 # The network as an ordered list of stages; a mode freezes a prefix of it.
 _STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc")
-BEST_VAL_NOTE = "best epoch on val: chosen on val, optimistic"
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class RunResult:
-    """One finished run (one mode, one seed) and its record, the content of metrics.json."""
-
-    name: str
-    path: str
-    record: RunRecord
-    resumed_from: int = 0  # epochs taken over from an interrupted or shorter run
-    up_to_date: bool = False  # nothing trained: a complete run with these settings existed
-
-    @property
-    def metrics(self) -> dict:
-        """metrics.json as JSON (``record.to_json()``)."""
-        return self.record.to_json()
-
-    @property
-    def accuracy(self) -> float:
-        return self.metrics["metrics"]["accuracy"]
-
-    def summary(self) -> str:
-        m = self.metrics
-        acc = m["metrics"]
-        low, high = acc["accuracy_ci95"]
-        label = "" if m["pretrained"] else " (not pretrained)"
-        sel = m["selection"]
-        chosen = (f"final epoch {sel['selected_epoch']} of {m['epochs']}" if sel["rule"] == "final" else
-                  f"epoch {sel['selected_epoch']} of {m['epochs']}, chosen on {sel['holdout_n']} held-out "
-                  f"train images ({sel['fraction']:g})")
-        subset = f", {m['train_per_class']} train images per class" if m.get("train_per_class") else ""
-        lines = [f"run {m['name']:<14} {self.path}",
-                 f"  mode           {m['mode']}, seed {m['seed']}, weights {m['weights_id']}{label}{subset}",
-                 f"  val acc        {acc['accuracy']:.4f} [95% CI {low:.3f}-{high:.3f}] ({chosen}); "
-                 f"balanced {acc['balanced_accuracy']:.4f}",
-                 f"  best val epoch {m['best_val_epoch']}: {m['best_val_acc']:.4f} ({BEST_VAL_NOTE}; not the result)"]
-        if self.up_to_date:
-            lines.append("  up to date     a complete run with these settings exists: nothing trained")
-        else:
-            per_epoch = sum(m["epoch_seconds"]) / max(1, len(m["epoch_seconds"]))
-            resumed = f"; resumed after epoch {self.resumed_from}" if self.resumed_from else ""
-            n = m["config"].get("threads")
-            threads = f" ({n} thread{'s' if n != 1 else ''})" if m["device"] == "cpu" and n else ""
-            lines.append(f"  time           {m['total_seconds']:.1f} s ({per_epoch:.2f} s/epoch, "
-                         f"{m['images_per_s']:.1f} train images/s) on {m['device']}{threads}, {m['precision']}{resumed}")
-        lines.append(f"  parameters     {m['trainable_parameters']:,} trainable of {m['total_parameters']:,}")
-        if not m["pretrained"]:
-            lines.append("  NOTE           not pretrained (random init): not a transfer-learning result")
-        return "\n".join(lines)
-
-
-@dataclass
-class FinetuneResult:
-    """Every run of one ``finetune`` call (several with ``--seeds``) and the skipped images."""
-
-    runs: List[RunResult]
-    skipped: List[dict] = field(default_factory=list)
-
-    def accuracy_mean_std(self) -> Tuple[float, float]:
-        accs = np.array([r.accuracy for r in self.runs])
-        return float(accs.mean()), float(accs.std(ddof=1)) if len(accs) > 1 else 0.0
-
-    def summary(self) -> str:
-        lines = [r.summary() for r in self.runs]
-        if self.skipped:
-            lines.append(f"skipped {len(self.skipped)} undecodable image(s):")
-            lines.extend(f"  {s['path']}: {s['reason']}" for s in self.skipped)
-        if len(self.runs) > 1:
-            mean, std = self.accuracy_mean_std()
-            mode = self.runs[0].metrics["mode"]
-            lines.append(f"{mode}: val accuracy {mean:.4f} ± {std:.4f} "
-                         f"(mean ± std over seeds {', '.join(str(r.metrics['seed']) for r in self.runs)})")
-        return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -174,8 +97,8 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     precision = backbone.choose_precision(cfg.precision, device)
     # torch's default (one thread per physical core) unless --threads says otherwise.
     threads = cfg.threads or torch.get_num_threads()
-    splits, skipped = _decodable(dataset, cfg.strict)
-    runs = [_run_one(FinetuneRun(cfg, seed, dataset, _plan(cfg, seed, splits, dataset.classes), skipped, device,
+    splits, skipped = finetune_data.decodable(dataset, cfg.strict)
+    runs = [_run_one(FinetuneRun(cfg, seed, dataset, finetune_data.plan(cfg, seed, splits, dataset.classes), skipped, device,
                                  precision), threads)
             for seed in tuple(cfg.seeds) or (cfg.seed,)]
     return FinetuneResult(runs, skipped)
@@ -208,35 +131,6 @@ class FinetuneRun:
 
     def file(self, name: str) -> str:
         return os.path.join(self.directory, name)
-
-
-def _decodable(dataset: data.DataSet, strict: bool) -> Tuple[Dict[str, List[data.Item]], List[dict]]:
-    """Decode every image once, up front, so a bad file can never stop training mid-epoch."""
-    splits: Dict[str, List[data.Item]] = {}
-    skipped: List[dict] = []
-    for split, items in dataset.splits.items():
-        good = []
-        for item in items:
-            try:
-                if os.path.getsize(dataset.path(item)) == 0:
-                    raise ValueError("empty file (0 bytes)")
-                data.load_image(dataset.path(item))
-            except Exception as exc:  # a bad image is data, not a crash
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-                if strict:
-                    raise UserError(f"cannot decode {dataset.path(item)!r} ({reason}); remove or fix "
-                                    "the file, or drop --strict to skip it") from None
-                skipped.append({"split": split, "path": item.relpath, "reason": reason})
-                continue
-            good.append(item)
-        splits[split] = good
-    for split in ("train", "val"):
-        if not splits[split]:
-            raise UserError(f"no decodable images in {os.path.join(dataset.root, split)!r}; "
-                            "add images (every file there failed to decode)")
-    if skipped:
-        log.warning("skipping %d undecodable image(s), e.g. %s", len(skipped), skipped[0]["path"])
-    return splits, skipped
 
 
 # --------------------------------------------------------------------------- the network
@@ -315,102 +209,23 @@ def _build(ctx: FinetuneRun) -> _Net:
 # --------------------------------------------------------------------------- data
 
 
-def _mix(*values: int) -> int:
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> 1)
-
-
-class _EpochSampler(torch.utils.data.Sampler):
-    """Yields ``(index, augmentation seed)``: a permutation and seeds fixed by (seed, epoch)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        order = torch.randperm(self.n, generator=g).tolist()
-        seeds = torch.randint(0, 2 ** 62, (self.n,), generator=g).tolist()
-        return iter(zip(order, seeds))
-
-
-class _AugmentedDataset(data.ImageDataset):
-    """Training images whose random augmentation is seeded per sample (worker-count independent)."""
-
-    def __getitem__(self, key):
-        index, aug_seed = key
-        with data.seeded(aug_seed):
-            return super().__getitem__(index)
-
-
-def _worker_init(worker_id: int) -> None:
-    # Augmentations are seeded per sample; seed the other libraries too, in case a
-    # transform ever uses them.
-    seed = torch.initial_seed() % 2 ** 32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-@dataclass
-class _Loaders:
-    train: torch.utils.data.DataLoader
-    val: torch.utils.data.DataLoader
-    sampler: _EpochSampler
-    generator: torch.Generator
-    val_items: List[data.Item]
-    val_labels: np.ndarray
-    n_train: int
-    holdout: Optional[torch.utils.data.DataLoader] = None  # --select holdout:F: train images held out
-    holdout_labels: Optional[np.ndarray] = None
-
-
-def _plan(cfg: FinetuneConfig, seed: int, splits: Dict[str, List[data.Item]],
-          classes: List[str]) -> Dict[str, List[data.Item]]:
-    """The images one run trains on, selects on (``holdout``, from train) and is scored on (``val``).
-
-    Every subset is drawn from train by class labels and ``seed`` alone (``pipeline.splits``).
-    """
-    train = list(splits["train"])
-    labels = np.array([i.label for i in train])
-    if cfg.train_per_class:
-        counts = np.bincount(labels, minlength=len(classes))
-        if cfg.train_per_class > counts.min():
-            small = classes[int(counts.argmin())]
-            raise UserError(f"--train-per-class {cfg.train_per_class} exceeds the {counts.min()} train images of "
-                            f"class {small!r}; use at most {counts.min()}, or 0 for every train image")
-        train = [train[i] for i in subsets.per_class_subset(labels, cfg.train_per_class, seed)]
-    plan = {"train": train, "val": list(splits["val"])}
-    rule, fraction = parse_select(cfg.select)
-    if rule == "holdout":
-        try:
-            fit, hold = subsets.holdout_split([i.label for i in train], fraction, seed)
-        except ValueError as exc:
-            raise UserError(f"--select {cfg.select}: {exc}; use another fraction or more train images") from None
-        plan["train"], plan["holdout"] = [train[i] for i in fit], [train[i] for i in hold]
-    return plan
-
-
-def _loaders(ctx: FinetuneRun, net: _Net) -> _Loaders:
+def _loaders(ctx: FinetuneRun, net: _Net) -> finetune_data.Loaders:
     cfg, root, splits, seed, device = ctx.cfg, ctx.dataset.root, ctx.splits, ctx.seed, ctx.device
     workers = default_workers(device) if cfg.workers < 0 else cfg.workers
     big = max(cfg.batch_size, default_batch_size(device))
     # Frozen-prefix modes load chunks of whole optimiser batches, so the prefix runs batched.
     train_batch = (big // cfg.batch_size) * cfg.batch_size if net.chunked else cfg.batch_size
-    sampler = _EpochSampler(len(splits["train"]), seed)
+    sampler = finetune_data.EpochSampler(len(splits["train"]), seed)
     generator = torch.Generator().manual_seed(seed)
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=finetune_data.worker_init,
                   persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     train = torch.utils.data.DataLoader(
-        _AugmentedDataset(root, splits["train"], data.train_transform()), batch_size=train_batch,
+        finetune_data.AugmentedDataset(root, splits["train"], data.train_transform()), batch_size=train_batch,
         sampler=sampler, generator=generator, **common)
     val = torch.utils.data.DataLoader(
         data.ImageDataset(root, splits["val"], data.eval_transform()), batch_size=big, shuffle=False,
         **common)
-    loaders = _Loaders(train, val, sampler, generator, list(splits["val"]),
+    loaders = finetune_data.Loaders(train, val, sampler, generator, list(splits["val"]),
                        np.array([item.label for item in splits["val"]]), len(splits["train"]))
     if splits.get("holdout"):
         loaders.holdout = torch.utils.data.DataLoader(
@@ -474,7 +289,7 @@ def train_one_epoch(s: _Step, loader: torch.utils.data.DataLoader, bar) -> Tuple
     return loss_sum.item() / seen, correct.item() / seen
 
 
-def _evaluate(s: _Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.ndarray, np.ndarray]:
+def evaluate(s: _Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.ndarray, np.ndarray]:
     """Mean loss, predictions and probabilities on a split, in eval mode under inference_mode."""
     was_training = s.net.model.training
     s.net.model.eval()
@@ -528,7 +343,7 @@ def _settings(ctx: FinetuneRun) -> dict:
     }
 
 
-def _resolved_config(ctx: FinetuneRun, loaders: _Loaders) -> dict:
+def _resolved_config(ctx: FinetuneRun, loaders: finetune_data.Loaders) -> dict:
     cfg, weights = ctx.cfg, ctx.weights
     resolved = dataclasses.asdict(cfg)
     resolved.update(seed=ctx.seed, seeds=list(cfg.seeds), device=str(ctx.device), precision=ctx.precision,
@@ -580,7 +395,7 @@ class _Training:
     net: _Net
     step: _Step
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loaders: _Loaders
+    loaders: finetune_data.Loaders
     meta: dict = field(default_factory=dict)  # what every checkpoint of the run carries besides its state
     history: List[dict] = field(default_factory=list)
     start: int = 0  # epochs taken over from last.pt
@@ -660,13 +475,13 @@ def _epoch(ctx: FinetuneRun, t: _Training, epoch: int) -> dict:
         bar.close()
     t.scheduler.step()
     train_seconds = time.perf_counter() - started
-    val_loss, pred, _ = _evaluate(step, loaders.val)
+    val_loss, pred, _ = evaluate(step, loaders.val)
     val_acc = float((pred == loaders.val_labels).mean())
     record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
               "val_acc": val_acc, "lr": lr}
     held = ""
     if loaders.holdout is not None:
-        hold_loss, hold_pred, _ = _evaluate(step, loaders.holdout)
+        hold_loss, hold_pred, _ = evaluate(step, loaders.holdout)
         record.update(holdout_loss=hold_loss, holdout_acc=float((hold_pred == loaders.holdout_labels).mean()))
         held = f"  holdout acc {record['holdout_acc']:.4f}"
     if ctx.device.type == "cuda":
@@ -699,7 +514,7 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
         verify_checkpoint(best_path, t.model_sha256)
     t.net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     started = time.perf_counter()
-    _, pred, proba = _evaluate(t.step, t.loaders.val)
+    _, pred, proba = evaluate(t.step, t.loaders.val)
     predict_seconds = time.perf_counter() - started
     items = t.loaders.val_items
     result = metrics.evaluate([i.label for i in items], pred, ctx.dataset.classes,

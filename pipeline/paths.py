@@ -11,8 +11,7 @@
     <cache>/features/onnx/resnet18-<sha16>-<crop>.onnx  the extractor for --engine onnxruntime
     <cache>/heads/<name>.joblib | .skops        a fitted head, and <name>.json its sidecar
     <cache>/runs/<run name>/                    an end-to-end run: model.pt, last.pt,
-                                                history.json, metrics.json (finetune.py,
-                                                checkpoints.py)
+                                                history.json, metrics.json (finetune.py)
     <cache>/export/<kind>-<name>.onnx           an exported classifier (+ .json sidecar)
     <reports>/compare/compare.md | .csv | .json the comparison report (+ figures/), one published set
 
