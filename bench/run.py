@@ -3,7 +3,7 @@ written to reports/bench.json as well.
 
     python bench/run.py [--data DIR] [--quick] [--threads N] [--rounds R] [--json reports/bench.json]
 
-(`make bench` runs this; `make bench QUICK=1` the quick mode: a 12-image-per-class subset, a few
+(`make bench` runs this; `make bench QUICK=1` the quick mode: a 20-image-per-class subset, a few
 minutes on 2 cores.)
 
 Each figure is a ratio measured side by side in this one run, because the machines this runs
@@ -282,8 +282,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default=None, help="ImageFolder data set (default: $BENCH_DATA, $PIPELINE_TEST_DATA, "
                                                 "../shared/data/hymenoptera_data or data/hymenoptera_data)")
-    p.add_argument("--quick", action="store_true", help="a subset of --subset images per class and split")
-    p.add_argument("--subset", type=int, default=0, help="images per class and split (0: all; --quick: 12)")
+    p.add_argument("--quick", action="store_true", help="a subset of 20 images per class and split (see --subset)")
+    p.add_argument("--subset", type=int, default=0, help="images per class and split (0: all; --quick: 20)")
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of each side-by-side comparison (>= 2)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads on every side (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -303,7 +303,7 @@ def main(args) -> int:
     weights = "imagenet" if os.path.isfile(backbone.imagenet_cache_file()) else "random"
     weights_obj = backbone.resolve_weights(weights)
     label = "imagenet" if weights == "imagenet" else "random (not pretrained: ImageNet weights not cached here)"
-    subset = args.subset or (12 if args.quick else 0)
+    subset = args.subset or (20 if args.quick else 0)
     report: Dict[str, object] = {
         "command": "python bench/run.py " + " ".join(sys.argv[1:]), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine(), "device": str(device), "precision_auto": precision, "weights": label,
