@@ -194,6 +194,27 @@ def test_fast_paths_match_sklearn_on_original_features(head, n_classes, shape):
         np.testing.assert_array_equal(pred, ref.predict(fold.X_test.astype(np.float64)), err_msg=f"{head} {v}")
 
 
+@pytest.mark.parametrize("n, dim, n_classes", [(300, 20, 10), (300, 20, 2), (120, 512, 2)])
+def test_fast_cv_chooses_what_sklearn_cv_chooses(n, dim, n_classes):
+    """At production settings (the registry's estimators, grids and refinement), CV through the
+    fast paths chooses the same value, with the same mean CV accuracy per grid value, as CV
+    through scikit-learn's own fits."""
+    import dataclasses
+
+    rng = np.random.default_rng(n_classes)
+    y = np.arange(n) % n_classes
+    X = (rng.normal(0, 0.3, (n_classes, dim))[y] + rng.normal(size=(n, dim))).astype(np.float32)
+    folds = heads_cv.make_folds(heads_cv.TrainData(X, y, np.arange(n), n, 0), 5, 0)
+    # multiclass logistic regression has no fast path: both would run the same lbfgs fits
+    for name in ("ridge", "logistic", "linear_svm") if n_classes == 2 else ("ridge", "linear_svm"):
+        spec = heads.REGISTRY[name]
+        fast = heads_cv.cross_validate(spec, folds, 0, 1, "test")
+        reference = heads_cv.cross_validate(dataclasses.replace(spec, cv_path=None), folds, 0, 1, "test")
+        assert fast["grid"] == reference["grid"], name
+        assert fast["best"] == reference["best"], name
+        np.testing.assert_allclose(fast["mean"], reference["mean"], atol=1.5 / n, err_msg=name)
+
+
 def test_feature_basis_in_float32_matches_float64(monkeypatch):
     """Large folds stay float32 (as cached); the Newton paths still reach the same answers."""
     fold64 = _fold(2, seed=5, n=400, dim=30, m=80, sep=0.15)
@@ -388,6 +409,9 @@ def test_out_of_core_streams_chunks_and_never_loads_train(tmp_path, monkeypatch)
         assert row.doc["metrics"]["accuracy"] >= 0.95, row.name
         assert row.doc["cv"]["out_of_core"]["rows"] == 3000
     assert max(calls) <= 256
+    # the default suite has no streaming head: --out-of-core then trains every head that can
+    default = fit(tmp_path, path, "default", out_of_core=True, chunk_rows=512, epochs=1)
+    assert [r.name for r in default.rows] == ["sgd_log-ooc", "sgd_hinge-ooc"]
 
 
 def test_out_of_core_batches_mix_classes_and_cover_every_row(tmp_path):
