@@ -282,6 +282,8 @@ def _gram_curvature(fold: Fold) -> np.ndarray:
 def _pcg(hvp: Callable, b: np.ndarray, precond: Callable, rtol: float, maxiter: int) -> Tuple[np.ndarray, int]:
     """Preconditioned conjugate gradients for ``H x = b``; returns x and the iterations."""
     x = np.zeros_like(b)
+    if not np.any(b):
+        return x, 0
     r = b.copy()
     z = precond(r)
     p, rz = z.copy(), float(r @ z)
