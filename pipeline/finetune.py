@@ -21,6 +21,12 @@ function of (seed, epoch, position in the epoch), so a run resumed from ``last.p
 after every epoch) ends bit-identical on CPU to an uninterrupted one, whatever the number of
 loader processes. Outputs live in ``<cache>/runs/<run name>/`` (see :func:`run_name`); ``metrics.json`` is
 written last, so a run without it is unfinished.
+
+Read top to bottom: :func:`run` makes one :class:`FinetuneRun` per seed; ``_train`` sets up
+(or restores) the network and optimiser, then each epoch is :func:`train_one_epoch` and
+:func:`evaluate`, saved; ``_finish`` scores the reported model once and writes the record.
+Elsewhere: the images and their seeded order (``finetune_data``), the run folder's files and
+checkpoints (``checkpoints``), what the stage returns and prints (``finetune_result``).
 """
 from __future__ import annotations
 
@@ -133,234 +139,7 @@ class FinetuneRun:
         return os.path.join(self.directory, name)
 
 
-# --------------------------------------------------------------------------- the network
-
-
-class _Net:
-    """ResNet18 split into a frozen prefix and a trainable suffix (views of the same modules).
-
-    ``prefix`` is what runs the frozen part: with BatchNorm frozen in eval mode it is a
-    conv+BN-fused copy (frozen weights never change, so the copy never goes stale), run under
-    ``no_grad``; its output does not depend on how images are batched, which lets it run on
-    large chunks while the optimiser still steps on batches of ``batch_size``.
-    """
-
-    def __init__(self, model: nn.Module, mode: str, trainable_from: str, bn: str):
-        self.model = model
-        first = {"finetune": 0, "scratch": 0, "fixed": _STAGES.index("fc"),
-                 "partial": _STAGES.index(trainable_from)}[mode]
-        stages = {
-            "stem": [model.conv1, model.bn1, model.relu, model.maxpool],
-            "layer1": [model.layer1], "layer2": [model.layer2],
-            "layer3": [model.layer3], "layer4": [model.layer4],
-            "pool": [model.avgpool, nn.Flatten(1)], "fc": [model.fc],
-        }
-        frozen = [m for s in _STAGES[:first] for m in stages[s]]
-        self.frozen = nn.Sequential(*frozen)
-        self.trainable = nn.Sequential(*[m for s in _STAGES[first:] for m in stages[s]])
-        self.frozen.requires_grad_(False)
-        self.bn_frozen = bn == "frozen-eval"
-        self.prefix: nn.Module = self.frozen
-        # Chunking the prefix is exact only when its output ignores batch composition.
-        self.chunked = bool(frozen) and self.bn_frozen
-
-    def finalize(self, channels_last: bool) -> None:
-        """Call after the model's weights and device are final."""
-        if self.chunked:
-            from torch.fx.experimental.optimization import fuse
-
-            self.frozen.eval()
-            self.prefix = fuse(self.frozen, inplace=False).eval().requires_grad_(False)
-            if channels_last:
-                self.prefix = self.prefix.to(memory_format=torch.channels_last)
-
-    def train_mode(self) -> None:
-        self.model.train()
-        if self.bn_frozen:
-            self.frozen.eval()  # frozen BatchNorm keeps its running statistics
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        if not len(self.frozen):
-            return x
-        with torch.no_grad():
-            return self.prefix(x)
-
-    def parameters(self) -> Tuple[int, int]:
-        total = sum(p.numel() for p in self.model.parameters())
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return trainable, total
-
-
-def _initial_weights(cfg: FinetuneConfig, seed: int) -> backbone.Weights:
-    # From scratch means random init whatever --weights says: the control of the protocol.
-    return backbone.resolve_weights("random" if cfg.mode == "scratch" else cfg.weights, seed)
-
-
-def _build(ctx: FinetuneRun) -> _Net:
-    cfg = ctx.cfg
-    with data.seeded(ctx.seed):  # the new fc layer's init
-        model = backbone.build_model(ctx.weights, num_classes=len(ctx.dataset.classes))
-    model = model.to(ctx.device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return _Net(model, cfg.mode, cfg.trainable_from, cfg.bn)
-
-
-# --------------------------------------------------------------------------- data
-
-
-def _loaders(ctx: FinetuneRun, net: _Net) -> finetune_data.Loaders:
-    cfg, root, splits, seed, device = ctx.cfg, ctx.dataset.root, ctx.splits, ctx.seed, ctx.device
-    workers = default_workers(device) if cfg.workers < 0 else cfg.workers
-    big = max(cfg.batch_size, default_batch_size(device))
-    # Frozen-prefix modes load chunks of whole optimiser batches, so the prefix runs batched.
-    train_batch = (big // cfg.batch_size) * cfg.batch_size if net.chunked else cfg.batch_size
-    sampler = finetune_data.EpochSampler(len(splits["train"]), seed)
-    generator = torch.Generator().manual_seed(seed)
-    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=finetune_data.worker_init,
-                  persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
-    train = torch.utils.data.DataLoader(
-        finetune_data.AugmentedDataset(root, splits["train"], data.train_transform()), batch_size=train_batch,
-        sampler=sampler, generator=generator, **common)
-    val = torch.utils.data.DataLoader(
-        data.ImageDataset(root, splits["val"], data.eval_transform()), batch_size=big, shuffle=False,
-        **common)
-    loaders = finetune_data.Loaders(train, val, sampler, generator, list(splits["val"]),
-                       np.array([item.label for item in splits["val"]]), len(splits["train"]))
-    if splits.get("holdout"):
-        loaders.holdout = torch.utils.data.DataLoader(
-            data.ImageDataset(root, splits["holdout"], data.eval_transform()), batch_size=big, shuffle=False,
-            **common)
-        loaders.holdout_labels = np.array([i.label for i in splits["holdout"]])
-    return loaders
-
-
-# --------------------------------------------------------------------------- one epoch
-
-
-@dataclass
-class _Step:
-    """What one optimiser step needs."""
-
-    net: _Net
-    optimizer: torch.optim.Optimizer
-    scaler: Optional[torch.amp.GradScaler]
-    device: torch.device
-    precision: str
-    channels_last: bool
-    batch_size: int
-
-
-def _to_device(images: torch.Tensor, s: _Step) -> torch.Tensor:
-    x = images.to(s.device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
-
-
-def train_one_epoch(s: _Step, loader: torch.utils.data.DataLoader, bar) -> Tuple[float, float]:
-    """One pass over train; returns (mean loss, accuracy). One host sync per progress update."""
-    s.net.train_mode()
-    loss_sum = torch.zeros((), device=s.device)
-    correct = torch.zeros((), dtype=torch.int64, device=s.device)
-    seen, shown = 0, time.perf_counter()
-    for images, labels in loader:
-        x, y = _to_device(images, s), labels.to(s.device, non_blocking=True)
-        with backbone.autocast(s.device, s.precision):
-            feats = s.net.features(x)
-        for start in range(0, y.shape[0], s.batch_size):
-            f, t = feats[start:start + s.batch_size], y[start:start + s.batch_size]
-            with backbone.autocast(s.device, s.precision):
-                out = s.net.trainable(f)
-            loss = F.cross_entropy(out.float(), t)
-            s.optimizer.zero_grad(set_to_none=True)
-            if s.scaler is not None:
-                s.scaler.scale(loss).backward()
-                s.scaler.step(s.optimizer)
-                s.scaler.update()
-            else:
-                loss.backward()
-                s.optimizer.step()
-            loss_sum += loss.detach() * t.shape[0]
-            correct += (out.detach().argmax(1) == t).sum()
-            seen += t.shape[0]
-        bar.update(y.shape[0])
-        if not bar.disable and time.perf_counter() - shown > 0.5:
-            shown = time.perf_counter()
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
-    return loss_sum.item() / seen, correct.item() / seen
-
-
-def evaluate(s: _Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss, predictions and probabilities on a split, in eval mode under inference_mode."""
-    was_training = s.net.model.training
-    s.net.model.eval()
-    logits, labels = [], []
-    try:
-        with torch.inference_mode(), backbone.autocast(s.device, s.precision):
-            for images, y in loader:
-                logits.append(s.net.trainable(s.net.features(_to_device(images, s))).float())
-                labels.append(y.to(s.device, non_blocking=True))
-    finally:
-        s.net.model.train(was_training)
-    out, y = torch.cat(logits), torch.cat(labels)
-    loss = F.cross_entropy(out, y).item()
-    return loss, out.argmax(1).cpu().numpy(), out.softmax(1).cpu().numpy()
-
-
-# --------------------------------------------------------------------------- settings
-
-
-def _items_digest(root: str, items: Sequence[data.Item]) -> str:
-    """Paths, labels and file stats: a changed image means a different run."""
-    h = hashlib.sha256()
-    for item in items:
-        st = os.stat(os.path.join(root, item.relpath))
-        h.update(f"{item.relpath}\0{item.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
-    return h.hexdigest()
-
-
-def _settings(ctx: FinetuneRun) -> dict:
-    """Everything that shapes the trajectory of a run (not the epoch count, not the workers)."""
-    cfg, seed, weights, dataset, splits = ctx.cfg, ctx.seed, ctx.weights, ctx.dataset, ctx.splits
-    device, precision = ctx.device, ctx.precision
-    return {
-        "format_version": checkpoints.RUN_FORMAT_VERSION,
-        "backbone": backbone.BACKBONE,
-        "mode": cfg.mode,
-        "trainable_from": cfg.trainable_from if cfg.mode == "partial" else None,
-        "bn": cfg.bn,
-        "seed": seed,
-        "select": cfg.select,
-        "train_per_class": cfg.train_per_class,
-        "weights_sha256": weights.sha256,
-        "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
-        "weight_decay": cfg.weight_decay, "step_size": cfg.step_size, "gamma": cfg.gamma,
-        "precision": precision, "device_type": device.type, "channels_last": cfg.channels_last,
-        "chunk": default_batch_size(device),
-        "transform": {"train": repr(data.train_transform()), "eval": repr(data.eval_transform())},
-        "data_root": dataset.root,
-        "classes": dataset.classes,
-        "data": {split: _items_digest(dataset.root, items) for split, items in splits.items()},
-    }
-
-
-def _resolved_config(ctx: FinetuneRun, loaders: finetune_data.Loaders) -> dict:
-    cfg, weights = ctx.cfg, ctx.weights
-    resolved = dataclasses.asdict(cfg)
-    resolved.update(seed=ctx.seed, seeds=list(cfg.seeds), device=str(ctx.device), precision=ctx.precision,
-                    weights=weights.spec, weights_id=weights.id, workers=loaders.train.num_workers,
-                    data=os.path.abspath(cfg.data), cache=os.path.abspath(cfg.cache),
-                    threads=torch.get_num_threads())
-    return resolved
-
-
 # --------------------------------------------------------------------------- one run
-
-
-def _say(message: str, progress: bool) -> None:
-    if progress:
-        tqdm.write(message, file=sys.stderr)
-    else:
-        log.info(message)
 
 
 def _run_one(ctx: FinetuneRun, threads: int) -> RunResult:
@@ -558,3 +337,230 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
     )
     checkpoints.save_json(record.to_json(), ctx.file(paths.RUN_METRICS))
     return record
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+@dataclass
+class _Step:
+    """What one optimiser step needs."""
+
+    net: _Net
+    optimizer: torch.optim.Optimizer
+    scaler: Optional[torch.amp.GradScaler]
+    device: torch.device
+    precision: str
+    channels_last: bool
+    batch_size: int
+
+
+def _to_device(images: torch.Tensor, s: _Step) -> torch.Tensor:
+    x = images.to(s.device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
+
+
+def train_one_epoch(s: _Step, loader: torch.utils.data.DataLoader, bar) -> Tuple[float, float]:
+    """One pass over train; returns (mean loss, accuracy). One host sync per progress update."""
+    s.net.train_mode()
+    loss_sum = torch.zeros((), device=s.device)
+    correct = torch.zeros((), dtype=torch.int64, device=s.device)
+    seen, shown = 0, time.perf_counter()
+    for images, labels in loader:
+        x, y = _to_device(images, s), labels.to(s.device, non_blocking=True)
+        with backbone.autocast(s.device, s.precision):
+            feats = s.net.features(x)
+        for start in range(0, y.shape[0], s.batch_size):
+            f, t = feats[start:start + s.batch_size], y[start:start + s.batch_size]
+            with backbone.autocast(s.device, s.precision):
+                out = s.net.trainable(f)
+            loss = F.cross_entropy(out.float(), t)
+            s.optimizer.zero_grad(set_to_none=True)
+            if s.scaler is not None:
+                s.scaler.scale(loss).backward()
+                s.scaler.step(s.optimizer)
+                s.scaler.update()
+            else:
+                loss.backward()
+                s.optimizer.step()
+            loss_sum += loss.detach() * t.shape[0]
+            correct += (out.detach().argmax(1) == t).sum()
+            seen += t.shape[0]
+        bar.update(y.shape[0])
+        if not bar.disable and time.perf_counter() - shown > 0.5:
+            shown = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
+    return loss_sum.item() / seen, correct.item() / seen
+
+
+def evaluate(s: _Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.ndarray, np.ndarray]:
+    """Mean loss, predictions and probabilities on a split, in eval mode under inference_mode."""
+    was_training = s.net.model.training
+    s.net.model.eval()
+    logits, labels = [], []
+    try:
+        with torch.inference_mode(), backbone.autocast(s.device, s.precision):
+            for images, y in loader:
+                logits.append(s.net.trainable(s.net.features(_to_device(images, s))).float())
+                labels.append(y.to(s.device, non_blocking=True))
+    finally:
+        s.net.model.train(was_training)
+    out, y = torch.cat(logits), torch.cat(labels)
+    loss = F.cross_entropy(out, y).item()
+    return loss, out.argmax(1).cpu().numpy(), out.softmax(1).cpu().numpy()
+
+
+# --------------------------------------------------------------------------- the network
+
+
+class _Net:
+    """ResNet18 split into a frozen prefix and a trainable suffix (views of the same modules).
+
+    ``prefix`` is what runs the frozen part: with BatchNorm frozen in eval mode it is a
+    conv+BN-fused copy (frozen weights never change, so the copy never goes stale), run under
+    ``no_grad``; its output does not depend on how images are batched, which lets it run on
+    large chunks while the optimiser still steps on batches of ``batch_size``.
+    """
+
+    def __init__(self, model: nn.Module, mode: str, trainable_from: str, bn: str):
+        self.model = model
+        first = {"finetune": 0, "scratch": 0, "fixed": _STAGES.index("fc"),
+                 "partial": _STAGES.index(trainable_from)}[mode]
+        stages = {
+            "stem": [model.conv1, model.bn1, model.relu, model.maxpool],
+            "layer1": [model.layer1], "layer2": [model.layer2],
+            "layer3": [model.layer3], "layer4": [model.layer4],
+            "pool": [model.avgpool, nn.Flatten(1)], "fc": [model.fc],
+        }
+        frozen = [m for s in _STAGES[:first] for m in stages[s]]
+        self.frozen = nn.Sequential(*frozen)
+        self.trainable = nn.Sequential(*[m for s in _STAGES[first:] for m in stages[s]])
+        self.frozen.requires_grad_(False)
+        self.bn_frozen = bn == "frozen-eval"
+        self.prefix: nn.Module = self.frozen
+        # Chunking the prefix is exact only when its output ignores batch composition.
+        self.chunked = bool(frozen) and self.bn_frozen
+
+    def finalize(self, channels_last: bool) -> None:
+        """Call after the model's weights and device are final."""
+        if self.chunked:
+            from torch.fx.experimental.optimization import fuse
+
+            self.frozen.eval()
+            self.prefix = fuse(self.frozen, inplace=False).eval().requires_grad_(False)
+            if channels_last:
+                self.prefix = self.prefix.to(memory_format=torch.channels_last)
+
+    def train_mode(self) -> None:
+        self.model.train()
+        if self.bn_frozen:
+            self.frozen.eval()  # frozen BatchNorm keeps its running statistics
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if not len(self.frozen):
+            return x
+        with torch.no_grad():
+            return self.prefix(x)
+
+    def parameters(self) -> Tuple[int, int]:
+        total = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return trainable, total
+
+
+def _initial_weights(cfg: FinetuneConfig, seed: int) -> backbone.Weights:
+    # From scratch means random init whatever --weights says: the control of the protocol.
+    return backbone.resolve_weights("random" if cfg.mode == "scratch" else cfg.weights, seed)
+
+
+def _build(ctx: FinetuneRun) -> _Net:
+    cfg = ctx.cfg
+    with data.seeded(ctx.seed):  # the new fc layer's init
+        model = backbone.build_model(ctx.weights, num_classes=len(ctx.dataset.classes))
+    model = model.to(ctx.device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return _Net(model, cfg.mode, cfg.trainable_from, cfg.bn)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _loaders(ctx: FinetuneRun, net: _Net) -> finetune_data.Loaders:
+    cfg, root, splits, seed, device = ctx.cfg, ctx.dataset.root, ctx.splits, ctx.seed, ctx.device
+    workers = default_workers(device) if cfg.workers < 0 else cfg.workers
+    big = max(cfg.batch_size, default_batch_size(device))
+    # Frozen-prefix modes load chunks of whole optimiser batches, so the prefix runs batched.
+    train_batch = (big // cfg.batch_size) * cfg.batch_size if net.chunked else cfg.batch_size
+    sampler = finetune_data.EpochSampler(len(splits["train"]), seed)
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=finetune_data.worker_init,
+                  persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+    train = torch.utils.data.DataLoader(
+        finetune_data.AugmentedDataset(root, splits["train"], data.train_transform()), batch_size=train_batch,
+        sampler=sampler, generator=generator, **common)
+    val = torch.utils.data.DataLoader(
+        data.ImageDataset(root, splits["val"], data.eval_transform()), batch_size=big, shuffle=False,
+        **common)
+    loaders = finetune_data.Loaders(train, val, sampler, generator, list(splits["val"]),
+                       np.array([item.label for item in splits["val"]]), len(splits["train"]))
+    if splits.get("holdout"):
+        loaders.holdout = torch.utils.data.DataLoader(
+            data.ImageDataset(root, splits["holdout"], data.eval_transform()), batch_size=big, shuffle=False,
+            **common)
+        loaders.holdout_labels = np.array([i.label for i in splits["holdout"]])
+    return loaders
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _items_digest(root: str, items: Sequence[data.Item]) -> str:
+    """Paths, labels and file stats: a changed image means a different run."""
+    h = hashlib.sha256()
+    for item in items:
+        st = os.stat(os.path.join(root, item.relpath))
+        h.update(f"{item.relpath}\0{item.label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def _settings(ctx: FinetuneRun) -> dict:
+    """Everything that shapes the trajectory of a run (not the epoch count, not the workers)."""
+    cfg, seed, weights, dataset, splits = ctx.cfg, ctx.seed, ctx.weights, ctx.dataset, ctx.splits
+    device, precision = ctx.device, ctx.precision
+    return {
+        "format_version": checkpoints.RUN_FORMAT_VERSION,
+        "backbone": backbone.BACKBONE,
+        "mode": cfg.mode,
+        "trainable_from": cfg.trainable_from if cfg.mode == "partial" else None,
+        "bn": cfg.bn,
+        "seed": seed,
+        "select": cfg.select,
+        "train_per_class": cfg.train_per_class,
+        "weights_sha256": weights.sha256,
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
+        "weight_decay": cfg.weight_decay, "step_size": cfg.step_size, "gamma": cfg.gamma,
+        "precision": precision, "device_type": device.type, "channels_last": cfg.channels_last,
+        "chunk": default_batch_size(device),
+        "transform": {"train": repr(data.train_transform()), "eval": repr(data.eval_transform())},
+        "data_root": dataset.root,
+        "classes": dataset.classes,
+        "data": {split: _items_digest(dataset.root, items) for split, items in splits.items()},
+    }
+
+
+def _resolved_config(ctx: FinetuneRun, loaders: finetune_data.Loaders) -> dict:
+    cfg, weights = ctx.cfg, ctx.weights
+    resolved = dataclasses.asdict(cfg)
+    resolved.update(seed=ctx.seed, seeds=list(cfg.seeds), device=str(ctx.device), precision=ctx.precision,
+                    weights=weights.spec, weights_id=weights.id, workers=loaders.train.num_workers,
+                    data=os.path.abspath(cfg.data), cache=os.path.abspath(cfg.cache),
+                    threads=torch.get_num_threads())
+    return resolved
+
+
+def _say(message: str, progress: bool) -> None:
+    if progress:
+        tqdm.write(message, file=sys.stderr)
+    else:
+        log.info(message)
