@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import UserError
-from .paths import heads_dir, runs_dir
+from .paths import RUN_HISTORY, RUN_METRICS, heads_dir, runs_dir
 from .records import HeadRecord, RecordError, RunRecord, read_json
 
 __all__ = ["NOT_PRETRAINED", "Result", "Row", "weights_label", "load_results", "choose_reference",
@@ -148,7 +148,7 @@ def _load_run(path: str, doc: dict) -> Result:
         device=rec.device, seed=rec.seed, epochs=rec.epochs, selection=selection,
         train_per_class=rec.train_per_class, best_val_epoch=rec.best_val_epoch, best_val_acc=rec.best_val_acc,
     )
-    result.history = _load_history(os.path.join(os.path.dirname(path), "history.json"))
+    result.history = _load_history(os.path.join(os.path.dirname(path), RUN_HISTORY))
     return result
 
 
@@ -172,7 +172,7 @@ def load_results(cache: str) -> Tuple[List[Result], List[dict]]:
     Unparseable or incomplete files are skipped with a warning, never half-used.
     """
     files = sorted(glob.glob(os.path.join(heads_dir(cache), "*.json")))
-    files += sorted(glob.glob(os.path.join(runs_dir(cache), "*", "metrics.json")))
+    files += sorted(glob.glob(os.path.join(runs_dir(cache), "*", RUN_METRICS)))
     results, skipped = [], []
     for path in files:
         try:

@@ -40,12 +40,13 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from . import backbone, data, files, heads, images, predict, store
+from .checkpoints import verify_checkpoint
 from .config import ONNX_OPSET, PREPROCESS, ExportConfig
 from .errors import ParameterError, UserError
 from .heads import REGISTRY
 from .onnx_client import FORMAT, OnnxClassifier
 from .records import RunRecord, read_json
-from .paths import export_dir, report_files, run_dir, runs_dir
+from .paths import RUN_METRICS, export_dir, report_files, run_dir, runs_dir
 from .versions import TORCH_STACK, library_versions
 
 __all__ = ["Folded", "fold_head", "exportable_heads", "ExportResult", "run", "export_dir", "FORMAT"]
@@ -361,10 +362,10 @@ def _torch_features(net: nn.Module, paths: List[str], draft) -> np.ndarray:
 def _run_source(cfg: ExportConfig) -> Source:
     name = cfg.run
     directory = run_dir(cfg.cache, name)
-    metrics_path = os.path.join(directory, "metrics.json")
+    metrics_path = os.path.join(directory, RUN_METRICS)
     if not os.path.isfile(metrics_path):
         runs = runs_dir(cfg.cache)
-        done = sorted(d for d in os.listdir(runs) if os.path.isfile(os.path.join(runs, d, "metrics.json"))) \
+        done = sorted(d for d in os.listdir(runs) if os.path.isfile(os.path.join(runs, d, RUN_METRICS))) \
             if os.path.isdir(runs) else []
         raise UserError(f"no finished run {name!r} under {runs!r}; "
                         + (f"finished: {', '.join(done)}" if done else "run `make finetune` first"))
@@ -375,8 +376,6 @@ def _run_source(cfg: ExportConfig) -> Source:
                         f"`python -m pipeline finetune --mode MODE --rebuild` for run {name!r}") from None
     checkpoint = os.path.join(directory, rec.checkpoint)
     if rec.checkpoint in rec.checkpoints:  # the bytes the run recorded, before they are loaded
-        from .finetune import verify_checkpoint
-
         verify_checkpoint(checkpoint, rec.checkpoints[rec.checkpoint])
     try:
         ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
