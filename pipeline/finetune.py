@@ -63,6 +63,7 @@ __all__ = [
     "run",
     "run_name",
     "run_dir",
+    "Step",
     "train_one_epoch",
     "evaluate",
     "verify_checkpoint",
@@ -172,7 +173,7 @@ class _Training:
     """One run's training state: what it trains with, and how far it got (what last.pt holds)."""
 
     net: _Net
-    step: _Step
+    step: Step
     scheduler: torch.optim.lr_scheduler.LRScheduler
     loaders: finetune_data.Loaders
     meta: dict = field(default_factory=dict)  # what every checkpoint of the run carries besides its state
@@ -214,7 +215,7 @@ def _setup(ctx: FinetuneRun, ckpt: Optional[dict]) -> _Training:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     loaders = _loaders(ctx, net)
-    step = _Step(net, optimizer, scaler, device, precision, cfg.channels_last, cfg.batch_size)
+    step = Step(net, optimizer, scaler, device, precision, cfg.channels_last, cfg.batch_size)
     t = _Training(net, step, scheduler, loaders)
     if ckpt is not None:
         net.model.load_state_dict(ckpt["model"])
@@ -343,8 +344,9 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
 
 
 @dataclass
-class _Step:
-    """What one optimiser step needs."""
+class Step:
+    """What one optimiser step needs (the network, optimiser, scaler and how to run them):
+    the first argument of :func:`train_one_epoch` and :func:`evaluate`."""
 
     net: _Net
     optimizer: torch.optim.Optimizer
@@ -355,12 +357,12 @@ class _Step:
     batch_size: int
 
 
-def _to_device(images: torch.Tensor, s: _Step) -> torch.Tensor:
+def _to_device(images: torch.Tensor, s: Step) -> torch.Tensor:
     x = images.to(s.device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if s.channels_last else x
 
 
-def train_one_epoch(s: _Step, loader: torch.utils.data.DataLoader, bar) -> Tuple[float, float]:
+def train_one_epoch(s: Step, loader: torch.utils.data.DataLoader, bar) -> Tuple[float, float]:
     """One pass over train; returns (mean loss, accuracy). One host sync per progress update."""
     s.net.train_mode()
     loss_sum = torch.zeros((), device=s.device)
@@ -393,7 +395,7 @@ def train_one_epoch(s: _Step, loader: torch.utils.data.DataLoader, bar) -> Tuple
     return loss_sum.item() / seen, correct.item() / seen
 
 
-def evaluate(s: _Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.ndarray, np.ndarray]:
+def evaluate(s: Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.ndarray, np.ndarray]:
     """Mean loss, predictions and probabilities on a split, in eval mode under inference_mode."""
     was_training = s.net.model.training
     s.net.model.eval()

@@ -367,7 +367,7 @@ class RunRecord(_Record):
     complete: bool = True
     checkpoint: str = "model.pt"  # the file in the run folder holding the model ``metrics`` describe
     # sha256 of each checkpoint file in the run folder ({"model.pt": ..., "last.pt": ...}), checked
-    # before a checkpoint is used (finetune.verify_checkpoint); a mismatch names --rebuild.
+    # before a checkpoint is used (checkpoints.verify_checkpoint); a mismatch names --rebuild.
     checkpoints: Dict[str, str] = field(default_factory=dict)
     kind: str = "run"
     schema: str = "pipeline.run"
