@@ -278,7 +278,7 @@ def learning_curves(curves: Sequence[Curve], path: str, title_note: str = "") ->
         ax.set_ylabel(name, fontsize=11)
         ax.grid(True, alpha=0.3)
     ax_loss.set_title("Loss per epoch", fontsize=12)
-    ax_acc.set_title("Accuracy per epoch (dot: the reported epoch, chosen without val)", fontsize=12)
+    ax_acc.set_title("Accuracy per epoch (dot: the reported epoch)", fontsize=12)
     handles = [Line2D([], [], color=colour[g], lw=2, label=g + (" (each seed)" if several[g] else ""))
                for g in groups]
     handles += [Line2D([], [], color="0.3", ls="-", label="val"),
