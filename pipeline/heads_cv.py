@@ -302,8 +302,8 @@ def _pcg(hvp: Callable, b: np.ndarray, precond: Callable, rtol: float, maxiter: 
     return x, maxiter
 
 
-def _feature_newton_path(fold: Fold, y: np.ndarray, Cs: Sequence[float], loss: str
-                         ) -> Tuple[List[np.ndarray], int]:
+def _feature_newton_path(fold: Fold, y: np.ndarray, Cs: Sequence[float], loss: str,
+                         shared: Optional[dict] = None) -> Tuple[List[np.ndarray], int]:
     """Weights ``[w, b]`` for each C of the binary logistic (``loss="log"``, unpenalised
     intercept) or squared-hinge (``loss="sqhinge"``, penalised intercept) problem on the
     fold's scaled rows, by Newton steps warm-started along ``Cs``.
@@ -311,12 +311,16 @@ def _feature_newton_path(fold: Fold, y: np.ndarray, Cs: Sequence[float], loss: s
     Each Newton system ``H d = g`` is solved by conjugate gradients preconditioned with
     ``C L + R``, ``L`` the loss curvature ``A^T diag(h) A / C`` at some earlier iterate:
     exact at ``w = 0`` from the fold's Gram matrix, and formed anew (``n d^2``) only when the
-    lagged one needed more than a few CG steps — so far fewer than one per Newton step.
+    lagged one needed more than a few CG steps — so far fewer than one per Newton step. The
+    Gram-based factors do not depend on the labels: ``shared`` (a dict) keeps them for the
+    other one-vs-rest problems of the fold.
     """
     A = _Design(fold.X_train)
+    shared = {} if shared is None else shared
     n, d = fold.X_train.shape
     reg = np.r_[np.ones(d), 0.0 if loss == "log" else 1.0]
-    state = {"L": _gram_curvature(fold) * (0.25 if loss == "log" else 2.0), "C": None, "chol": None, "g0": None}
+    state = {"L": _gram_curvature(fold) * (0.25 if loss == "log" else 2.0), "C": None, "chol": None, "g0": None,
+             "initial": True}
     tol = 1e-10 if fold.X_train.dtype == np.float64 else 1e-8
     w = np.zeros(d + 1)
     weights, not_converged = [], 0
@@ -338,11 +342,17 @@ def _feature_newton_path(fold: Fold, y: np.ndarray, Cs: Sequence[float], loss: s
 
             def solve(rhs):
                 if state["L"] is None:
-                    state["L"], state["C"] = A.curvature(h / C), None
+                    state["L"], state["C"], state["initial"] = A.curvature(h / C), None, False
                 if state["C"] != C:
-                    P = C * state["L"]
-                    P[np.diag_indices_from(P)] += reg + 1e-10
-                    state["chol"], state["C"] = cho_factor(P, check_finite=False), C
+                    if state["initial"] and C in shared:
+                        state["chol"] = shared[C]
+                    else:
+                        P = C * state["L"]
+                        P[np.diag_indices_from(P)] += reg + 1e-10
+                        state["chol"] = cho_factor(P, check_finite=False)
+                        if state["initial"]:
+                            shared[C] = state["chol"]
+                    state["C"] = C
                 rows = np.flatnonzero(h)  # the squared hinge: only rows inside the margin count
                 Ah, hh = (A, h) if len(rows) > 0.7 * len(h) else (_Design(A.X[rows]), h[rows])
                 hvp = lambda u: Ah.rmv(hh * Ah.mv(u)) + reg * u  # noqa: E731
@@ -470,12 +480,13 @@ def l2svm_path(fold: Fold, Cs: Sequence[float]) -> Optional[Tuple[List[np.ndarra
     decisions, not_converged = [], 0
     if fold.basis == "span":
         A, T = _with_bias(fold.Z_train), _with_bias(fold.Z_test)
+    shared: dict = {}
     for k in range(Y.shape[1]):
         if fold.basis == "span":
             weights, bad = _l2svm_solve(A, Y[:, k], Cs)
             decisions.append(np.stack([T @ w for w in weights], 1))  # (n_test, n_C)
         else:
-            weights, bad = _feature_newton_path(fold, Y[:, k], Cs, "sqhinge")
+            weights, bad = _feature_newton_path(fold, Y[:, k], Cs, "sqhinge", shared)
             decisions.append(_feature_decisions(fold, weights))
         not_converged += bad
     dec = np.stack(decisions, 2)  # (n_test, n_C, n_problems)
