@@ -384,8 +384,10 @@ def main(args) -> int:
     floor_epoch_s = med(o["epoch_s"] for o in runs["epoch_floor"])
     suite_s = min(runs["heads_suite"])
     rows = [
-        ratio_row("extraction / bare forward", cmd["extract_img_s"] / floor_img_s, ">= 0.9",
-                  f"{cmd['extract_img_s']:.1f} vs {floor_img_s:.1f} images/s, {precision}, batch {batch}"),
+        ratio_row("extraction (command, cold) / bare forward", cmd["extract_img_s"] / floor_img_s,
+                  ">= 0.9" if "precision" in skip else None,
+                  f"{cmd['extract_img_s']:.1f} vs {floor_img_s:.1f} images/s, {precision}, batch {batch}; a new "
+                  "process: model build, loader start and first-call kernels inside the timer"),
         ratio_row("finetune epoch / its floor", epoch_s / floor_epoch_s, "<= 1.15",
                   f"{epoch_s:.1f} vs {floor_epoch_s:.1f} s (train + val, batch {FinetuneConfig.batch_size}, {precision})"),
         ratio_row("head suite (5 heads, CV)", suite_s, "<= 3", "seconds, in process, best of rounds", unit="s"),
@@ -410,6 +412,10 @@ def main(args) -> int:
         log("bench: fp32 against auto")
         prec = precision_vs_fp32(data_dir, weights, args.device, precision, args.rounds, os.path.join(tmp, "fp32.h5"))
         report["precision"] = prec
+        warm = prec["auto_img_s"] if "speed_ratio" in prec else prec["fp32_img_s"]
+        rows.insert(1, ratio_row("extraction / bare forward", warm / floor_img_s, ">= 0.9",
+                                 f"{warm:.1f} vs {floor_img_s:.1f} images/s, {precision}, batch {batch}, in process "
+                                 "like the floor (median of the auto runs below)"))
         if "speed_ratio" in prec:
             rows.append(ratio_row(f"extraction {prec['auto']} (auto) / fp32", prec["speed_ratio"], None,
                                   f"{prec['auto_img_s']:.1f} vs {prec['fp32_img_s']:.1f} images/s in process, "
