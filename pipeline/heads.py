@@ -37,8 +37,8 @@ from . import heads_io, store
 from . import metrics as metrics_mod
 from .config import HeadsConfig
 from .errors import UserError
-from .heads_cv import (Fitted, Fold, TrainData, cross_validate, l2svm_path, logistic_path, make_folds, n_splits,
-                       ridge_path)
+from .heads_cv import (Fitted, Fold, TrainData, cross_validate, fit_ready, l2svm_path, logistic_path, make_folds,
+                       n_splits, ridge_path)
 from .heads_io import FORMATS, Head, head_pipeline, load_head
 from .heads_stream import fit_out_of_core
 from .paths import heads_dir
@@ -240,7 +240,7 @@ def _fit_in_memory(spec: HeadSpec, data: TrainData, folds: List[Fold], ctx: "Hea
     start = time.perf_counter()
     cv = cross_validate(spec, folds, ctx.cfg.seed, ctx.cfg.jobs, ctx.split_text)
     value = cv["best"].get(spec.param) if spec.param else None
-    model = head_pipeline(spec.build(value, ctx.cfg.seed))
+    model = head_pipeline(fit_ready(spec.build(value, ctx.cfg.seed), data.y))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
         model.fit(data.X, data.y)

@@ -52,7 +52,8 @@ from sklearn.utils.parallel import Parallel, delayed
 
 from .errors import UserError
 
-__all__ = ["TrainData", "Fold", "Fitted", "make_folds", "prepare_fold", "splitter", "n_splits", "cross_validate",
+__all__ = ["TrainData", "Fold", "Fitted", "make_folds", "prepare_fold", "splitter", "n_splits", "fit_ready",
+           "cross_validate",
            "refine_values", "ridge_path", "logistic_path", "l2svm_path"]
 
 log = logging.getLogger(__name__)
@@ -503,9 +504,22 @@ def refine_values(grid: Sequence[float], best: float) -> List[float]:
     return sorted(out, reverse=grid[0] > grid[-1])
 
 
+def fit_ready(estimator, y: np.ndarray):
+    """``estimator`` with scikit-learn's ``early_stopping`` turned off when ``y`` is too small
+    for its stratified validation split (10% of the rows, at least one of each class on each
+    side, two of each class in all), which would otherwise raise; returns the estimator."""
+    params = estimator.get_params()
+    if params.get("early_stopping"):
+        counts = np.unique(y, return_counts=True)[1]
+        n_val = int(np.ceil(params["validation_fraction"] * len(y)))
+        if counts.min() < 2 or n_val < len(counts) or len(y) - n_val < len(counts):
+            estimator.set_params(early_stopping=False)
+    return estimator
+
+
 def _sklearn_path(spec, fold: Fold, values: Sequence[float], seed: int) -> Tuple[List[np.ndarray], int]:
     """The head's own estimator over the grid (warm-started when the spec allows)."""
-    est = spec.build(values[0], seed, warm_start=spec.warm_start)
+    est = fit_ready(spec.build(values[0], seed, warm_start=spec.warm_start), fold.y_train)
     X_train, X_test = fold.data(spec.span)
     out = []
     for v in values:  # ConvergenceWarnings are counted by _sweep

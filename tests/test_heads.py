@@ -84,6 +84,18 @@ def test_every_head_reaches_095_on_separable_features(tmp_path, n_classes):
     assert "not pretrained" in result.summary()
 
 
+def test_sgd_heads_stop_early_unless_too_few_rows_to_split(tmp_path):
+    """scikit-learn's early_stopping needs a validation split with every class on each side:
+    on 8 train images (CV folds of 6) the SGD heads fit without it instead of failing."""
+    tiny = fit(tmp_path, write_feature_cache(tmp_path / "tiny.h5", n_train=4, n_val=5), "tiny",
+               heads=("sgd_log", "sgd_hinge"))
+    assert [r.doc["hyperparameters"]["early_stopping"] for r in tiny.rows] == [False, False]
+    row = fit(tmp_path, write_feature_cache(tmp_path / "more.h5", n_train=20, n_val=5), "more",
+              heads=("sgd_log",)).rows[0]
+    assert row.doc["hyperparameters"]["early_stopping"] is True
+    assert row.doc["metrics"]["accuracy"] >= 0.9
+
+
 def test_registry_names_and_parse():
     assert heads.parse_head_names(["logistic,ridge", "knn", "ridge"]) == ("logistic", "ridge", "knn")
     assert heads.parse_head_names(["all"]) == tuple(heads.REGISTRY)
