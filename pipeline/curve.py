@@ -35,7 +35,7 @@ from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from .heads import REGISTRY
-from .heads_cv import TrainData, cross_validate, fit_ready, make_folds
+from .heads_cv import TrainData, cross_validate, make_folds
 from .splits import per_class_subset
 
 __all__ = ["FALLBACK", "CurveResult", "sizes", "heads_curve"]
@@ -130,7 +130,7 @@ def _fit_predict(spec, X: np.ndarray, y: np.ndarray, folds, X_val: np.ndarray, s
         value = cross_validate(spec, folds, seed, 1, "curve").get("best", {}).get(spec.param)
     else:
         value = _default_value(spec.name, len(y))
-    model = make_pipeline(StandardScaler(), fit_ready(spec.build(value, seed), y))
+    model = make_pipeline(StandardScaler(), spec.build(value, seed))
     model.fit(X, y)
     return model.predict(X_val), value
 
