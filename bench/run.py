@@ -188,7 +188,7 @@ def precision_vs_fp32(data_dir: str, weights: str, device: str, precision: str, 
         shutil.copy(paths["fp32"], keep)
         if precision == "fp32":
             return {"auto": "fp32", "note": "auto is fp32 on this machine: nothing to compare",
-                    "fp32_img_s": statistics.median(speeds["fp32"])}
+                    "fp32_img_s": statistics.median(speeds["fp32"]), "runs": speeds}
         cos = []
         for split in ("train", "val"):
             a, _, pa, _ = store.read_split(paths[precision], split)
@@ -379,9 +379,11 @@ def main(args) -> int:
     cmd = {k: med(o[k] for o in runs["commands"]) for k in
            ("features_s", "heads_s", "compare_s", "features_noop_s", "extract_s", "extract_img_s", "fast_path_s",
             "overhead_s")}
-    floor_img_s = med(runs["extraction_floor"])
-    epoch_s = med(o["epoch_s"] for o in runs["project_epoch"])
-    floor_epoch_s = med(o["epoch_s"] for o in runs["epoch_floor"])
+    # Against a floor, the best of the rounds on both sides: other work on a shared machine only
+    # ever slows a run down, so the fastest round is the closest to what each side costs.
+    floor_img_s = max(runs["extraction_floor"])
+    epoch_s = min(o["epoch_s"] for o in runs["project_epoch"])
+    floor_epoch_s = min(o["epoch_s"] for o in runs["epoch_floor"])
     suite_s = min(runs["heads_suite"])
     rows = [
         ratio_row("extraction (command, cold) / bare forward", cmd["extract_img_s"] / floor_img_s,
@@ -412,10 +414,10 @@ def main(args) -> int:
         log("bench: fp32 against auto")
         prec = precision_vs_fp32(data_dir, weights, args.device, precision, args.rounds, os.path.join(tmp, "fp32.h5"))
         report["precision"] = prec
-        warm = prec["auto_img_s"] if "speed_ratio" in prec else prec["fp32_img_s"]
+        warm = max(prec["runs"][precision])
         rows.insert(1, ratio_row("extraction / bare forward", warm / floor_img_s, ">= 0.9",
                                  f"{warm:.1f} vs {floor_img_s:.1f} images/s, {precision}, batch {batch}, in process "
-                                 "like the floor (median of the auto runs below)"))
+                                 "like the floor (best of the auto runs below)"))
         if "speed_ratio" in prec:
             rows.append(ratio_row(f"extraction {prec['auto']} (auto) / fp32", prec["speed_ratio"], None,
                                   f"{prec['auto_img_s']:.1f} vs {prec['fp32_img_s']:.1f} images/s in process, "
