@@ -71,5 +71,5 @@ def test_export_needs_exactly_one_source():
     from pipeline import export
 
     for cfg in (config.ExportConfig(), config.ExportConfig(head="logistic", run="finetune")):
-        with pytest.raises(ParameterError, match="name one source: head NAME .* or run MODE"):
+        with pytest.raises(ParameterError, match=r"name one source: head NAME .*, run MODE.* or recommended"):
             export.run(cfg)
