@@ -54,7 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (REPO, default_data, epoch_floor, forward_floor, machine, pin_threads,  # noqa: E402
                     ratio_row, subset_folder)
 from pipeline import backbone, data, extraction, features, finetune, store  # noqa: E402
-from pipeline.config import FeaturesConfig, FinetuneConfig  # noqa: E402
+from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig  # noqa: E402
 from tutorial import run_tutorial  # noqa: E402
 
 TUTORIAL_EPOCHS = 25  # the tutorial's num_epochs, what the cached path replaces
@@ -392,7 +392,7 @@ def main(args) -> int:
                   "process: model build, loader start and first-call kernels inside the timer"),
         ratio_row("finetune epoch / its floor", epoch_s / floor_epoch_s, "<= 1.15",
                   f"{epoch_s:.1f} vs {floor_epoch_s:.1f} s (train + val, batch {FinetuneConfig.batch_size}, {precision})"),
-        ratio_row("head suite (5 heads, CV)", suite_s, "<= 3", "seconds, in process, best of rounds", unit="s"),
+        ratio_row(f"head suite ({len(HeadsConfig().heads)} default heads, CV)", suite_s, "<= 3", "seconds, in process, best of rounds", unit="s"),
         ratio_row("no-op `features` command", cmd["features_noop_s"], "<= 2", "seconds, up-to-date cache", unit="s"),
         ratio_row("fast path commands - extraction", cmd["overhead_s"], "<= 8",
                   f"seconds: features + heads + compare {cmd['fast_path_s']:.1f} s, extraction {cmd['extract_s']:.1f} s",
