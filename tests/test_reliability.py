@@ -768,7 +768,7 @@ HEAD_KILLS = [
     KillPoint("final save: model written, not yet renamed", "os:replace", match=".joblib')"),
     KillPoint("final save: model renamed, sidecar not yet written", "pipeline.files:atomic_write", call=2),
     KillPoint("final save: sidecar written, not yet renamed", "os:replace", match=".json')"),
-    KillPoint("between heads: the 1st saved", "pipeline.heads:_save", call=2),
+    KillPoint("between heads: the 1st saved", "pipeline.heads_io:save", call=2),
 ]
 
 
