@@ -48,6 +48,26 @@ def real_data() -> Path:
 SMALL_PREPROCESS = {"resize": 40, "crop": 32}
 
 
+def small_project(root: Path, head_names, then=None) -> dict:
+    """A 3 + 2 image per class data set under ``root``, its feature cache and ``head_names``
+    fitted on it, at SMALL_PREPROCESS; ``then(data, cache)`` runs under the same preprocessing
+    (an end-to-end run, say). Returns ``{"data", "cache", "features"}``."""
+    from pipeline import config, features, heads
+    from pipeline.config import FeaturesConfig, HeadsConfig
+
+    data = make_dataset(root / "data", n_train=3, n_val=2)
+    cache = root / "cache"
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in SMALL_PREPROCESS.items():
+            mp.setitem(config.PREPROCESS, key, value)
+        path = features.run(FeaturesConfig(data=str(data), cache=str(cache), weights="random", device="cpu",
+                                           workers=0, progress=False)).path
+        heads.run(HeadsConfig(features=path, cache=str(cache), heads=tuple(head_names), cv_folds=2))
+        if then is not None:
+            then(data, cache)
+    return {"data": data, "cache": cache, "features": path}
+
+
 @pytest.fixture
 def small_images(monkeypatch):
     """32-pixel crops keep a ResNet18 pass cheap; one thread avoids OpenMP stalls on busy cores."""

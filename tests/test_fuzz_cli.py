@@ -17,10 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import cli, config, features, heads
-from pipeline.config import FeaturesConfig, HeadsConfig
+from pipeline import cli, config
 from tests import faults
-from tests.conftest import SMALL_PREPROCESS, make_dataset
+from tests.conftest import SMALL_PREPROCESS, small_project
 
 SMALL = SMALL_PREPROCESS
 
@@ -32,16 +31,9 @@ pytestmark = pytest.mark.usefixtures("small_images")
 def project(tmp_path_factory) -> dict:
     """A tiny data set with its feature cache and one head, plus paths that are wrong in every way."""
     root = tmp_path_factory.mktemp("fuzz")
-    data = make_dataset(root / "data", n_train=3, n_val=2)
-    cache = root / "cache"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in SMALL.items():
-            mp.setitem(config.PREPROCESS, key, value)
-        path = features.run(FeaturesConfig(data=str(data), cache=str(cache), weights="random", device="cpu",
-                                           workers=0, progress=False)).path
-        heads.run(HeadsConfig(features=path, cache=str(cache), heads=("ridge",), cv_folds=2))
+    project = small_project(root, ("ridge",))
     (root / "a_file").write_text("not a folder")
-    return {"root": root, "data": data, "cache": cache, "features": path}
+    return dict(project, root=root)
 
 
 GARBAGE = st.sampled_from(["", "x", "-", "--", "1e3", "0x10", " 3", "3.5", "nan", "inf", "-inf", "1_000", "٣",

@@ -31,7 +31,7 @@ from pipeline import cli, config, features, finetune, heads, store
 from pipeline import files as atomic_files  # the one writer of caches, parts, heads, checkpoints and reports
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig
 from tests import faults
-from tests.conftest import SMALL_PREPROCESS, make_dataset, make_image
+from tests.conftest import SMALL_PREPROCESS, make_dataset, make_image, small_project
 from tests.faults import KillPoint
 
 SMALL = SMALL_PREPROCESS
@@ -107,16 +107,10 @@ def fast_weights(monkeypatch):
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """A tiny data set with a complete feature cache, heads and a finished fixed-mode run."""
-    root = tmp_path_factory.mktemp("small")
-    data = make_dataset(root / "data", n_train=3, n_val=2)
-    cache = root / "cache"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in SMALL.items():
-            mp.setitem(config.PREPROCESS, key, value)
-        path = features.run(_features_cfg(data, cache)).path
-        heads.run(HeadsConfig(features=path, cache=str(cache), heads=("logistic", "ridge"), cv_folds=2))
-        run = finetune.run(_finetune_cfg(data, cache, mode="fixed")).runs[0].path
-    return {"data": data, "cache": cache, "features": path, "run": Path(run)}
+    runs = []
+    project = small_project(tmp_path_factory.mktemp("small"), ("logistic", "ridge"), then=lambda data, cache: runs.append(
+        finetune.run(_finetune_cfg(data, cache, mode="fixed")).runs[0].path))
+    return dict(project, run=Path(runs[0]))
 
 
 @pytest.fixture
@@ -212,16 +206,9 @@ def flip_in_chunk(path, dataset: str = "val/features", chunk: int = 0) -> None:
 @pytest.fixture(scope="module")
 def flipped(tmp_path_factory):
     """Features and a head made by the stages, then one bit flipped inside a feature chunk."""
-    root = tmp_path_factory.mktemp("flipped")
-    data = make_dataset(root / "data", n_train=3, n_val=2)
-    cache = root / "cache"
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in SMALL.items():
-            mp.setitem(config.PREPROCESS, key, value)
-        path = features.run(_features_cfg(data, cache)).path
-        heads.run(HeadsConfig(features=path, cache=str(cache), heads=("logistic",), cv_folds=2))
-    flip_in_chunk(path)
-    return {"data": data, "cache": cache, "features": path, "bytes": Path(path).read_bytes()}
+    project = small_project(tmp_path_factory.mktemp("flipped"), ("logistic",))
+    flip_in_chunk(project["features"])
+    return dict(project, bytes=Path(project["features"]).read_bytes())
 
 
 def _flipped_commands(flipped, reports) -> Dict[str, List[str]]:
