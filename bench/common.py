@@ -86,11 +86,6 @@ def machine() -> Dict[str, object]:
     return info
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def forward_floor(weights, device: torch.device, precision: str, batch: int, n_images: int,
                   channels_last: bool = True, repeats: int = 1) -> float:
     """Images/s of the frozen extractor's forward alone on random tensors: the floor of extraction.
@@ -106,11 +101,11 @@ def forward_floor(weights, device: torch.device, precision: str, batch: int, n_i
     with torch.inference_mode(), extraction.numerics(device, precision):  # the extraction's arithmetic
         model(x).float()  # warm-up: oneDNN primitives, allocator
         for _ in range(max(1, repeats)):
-            _sync(device)
+            extraction.sync(device)
             start = time.perf_counter()
             for _ in range(steps):
                 model(x).float()
-            _sync(device)
+            extraction.sync(device)
             best = max(best, steps * batch / (time.perf_counter() - start))
     return best
 
@@ -147,21 +142,21 @@ def epoch_floor(device: torch.device, precision: str, n_train: int, n_val: int, 
 
     model.train()
     step(*train_batches[-1])  # warm-up
-    _sync(device)
+    extraction.sync(device)
     start = time.perf_counter()
     for b in sizes(n_train, train_batch):
         step(*by_size[b])
-    _sync(device)
+    extraction.sync(device)
     train = time.perf_counter() - start
     model.eval()
     with torch.inference_mode(), backbone.autocast(device, precision):
         for x in val_batches.values():
             model(x).float()  # warm-up
-        _sync(device)
+        extraction.sync(device)
         start = time.perf_counter()
         for b in sizes(n_val, val_batch):
             model(val_batches[b]).float()
-        _sync(device)
+        extraction.sync(device)
     val = time.perf_counter() - start
     return {"train_s": train, "val_s": val, "epoch_s": train + val}
 

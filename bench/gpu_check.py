@@ -41,6 +41,7 @@ import common  # noqa: E402  (bench/common.py: the compute floors every benchmar
 
 from pipeline import backbone, config, extraction, features, finetune, store  # noqa: E402
 from pipeline.config import FeaturesConfig, FinetuneConfig  # noqa: E402
+from pipeline.text import format_table  # noqa: E402
 
 FULL = {"train": 600, "val": 200, "size": (500, 375), "epochs": 2, "bare_images": 2048}
 DRY = {"train": 6, "val": 3, "size": (48, 40), "epochs": 2, "bare_images": 16,
@@ -262,8 +263,7 @@ def table(report: dict) -> str:
     for r in report["rows"]:
         ok = "-" if r["ok"] is None else ("yes" if r["ok"] else "NO")
         rows.append((r["check"], r["value"], r["floor"], f"{r['ratio']:.2f}" if "ratio" in r else "", ok))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = [head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [head] + format_table(rows[0], rows[1:]).splitlines()
     for r in report["rows"]:
         if r.get("stderr"):
             lines.append(f"  {r['check']} stderr:\n{r['stderr']}")

@@ -82,7 +82,7 @@ class CurveReport:
         return "\n".join(text)
 
 
-def _curve_report(rows: List[Row], runs_k: List[Result], ref_paths: Sequence[str], alpha: float,
+def _curve_report(rows: List[Row], runs_k: List[Result], alpha: float,
                   seed: int) -> Optional[CurveReport]:
     """The curve on the feature cache most head rows were fitted on; None without heads."""
     heads = [r for r in rows if r.kind == "head" and r.representative.features_path]
@@ -257,7 +257,7 @@ def run(cfg: CompareConfig) -> CompareResult:
                         recommended=recommended,
                         reference={"data_root": ref.data_root, "classes": list(ref.classes), "n_val": ref.n})
     if cfg.curve:
-        res.curve = _curve_report(rows, runs_k, paths, cfg.alpha, seed=0)
+        res.curve = _curve_report(rows, runs_k, cfg.alpha, seed=0)
     if cfg.figures:
         res.pca = _pca_panels(rows)
     res.table = compare_report.table(rows)

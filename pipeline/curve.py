@@ -30,12 +30,11 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from scipy.linalg import LinAlgWarning
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
 from .heads import REGISTRY
 from .heads_cv import TrainData, cross_validate, make_folds
+from .heads_io import head_pipeline
 from .splits import per_class_subset
 
 __all__ = ["FALLBACK", "CurveResult", "sizes", "heads_curve"]
@@ -130,7 +129,7 @@ def _fit_predict(spec, X: np.ndarray, y: np.ndarray, folds, X_val: np.ndarray, s
         value = cross_validate(spec, folds, seed, 1, "curve").get("best", {}).get(spec.param)
     else:
         value = _default_value(spec.name, len(y))
-    model = make_pipeline(StandardScaler(), spec.build(value, seed))
+    model = head_pipeline(spec.build(value, seed))
     model.fit(X, y)
     return model.predict(X_val), value
 

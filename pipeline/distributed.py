@@ -155,17 +155,15 @@ def session(ctx: Context, device: torch.device, timeout_s: float) -> Iterator[Co
 
     if not dist.is_available():
         raise UserError("this PyTorch build has no torch.distributed; run a single process (without torchrun)")
+    if device.type == "cuda":  # NCCL collectives run on the current device: this rank's GPU
+        torch.cuda.set_device(device)
     if dist.is_initialized():
         if dist.get_world_size() != ctx.world_size:
             raise UserError(f"the process group has {dist.get_world_size()} ranks, WORLD_SIZE says {ctx.world_size}")
-        if device.type == "cuda":  # NCCL collectives run on the current device: this rank's GPU
-            torch.cuda.set_device(device)
         yield Context(ctx.rank, ctx.world_size, ctx.local_rank, ctx.local_world_size,
                       str(dist.get_backend()), timeout_s)
         return
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     except Exception as exc:  # rendezvous failures: unreachable address, port in use, timeout

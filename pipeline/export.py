@@ -40,7 +40,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from . import backbone, data, files, heads, images, predict, store
-from .checkpoints import verify_checkpoint
+from .checkpoints import save_json, verify_checkpoint
 from .config import ONNX_OPSET, PREPROCESS, ExportConfig
 from .errors import ParameterError, UserError
 from .heads import REGISTRY
@@ -563,7 +563,7 @@ def run(cfg: ExportConfig) -> ExportResult:
     files.atomic_write(path, write_verified)
     info.update({"file": os.path.basename(path), "sha256": files.file_digest(path, "sha256"),
                  "size_bytes": os.path.getsize(path), "export_seconds": time.perf_counter() - started})
-    files.atomic_write(sidecar, lambda fh: fh.write(json.dumps(info, indent=1).encode("utf-8")))
+    save_json(info, sidecar)
     return ExportResult(path, sidecar, info)
 
 

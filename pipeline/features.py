@@ -11,7 +11,6 @@ cache identical to a single process's (same layout, row order and content key).
 from __future__ import annotations
 
 import contextlib
-import glob
 import hashlib
 import json
 import logging
@@ -140,8 +139,7 @@ def _remember(cfg: FeaturesConfig, res: Resolved) -> None:
     """Record in the index that ``res.path`` holds the features of ``cfg`` (atomic, locked)."""
     path = paths.features_index(cfg.cache)
     with FileLock(path + ".lock"):
-        for name in glob.glob(glob.escape(path) + ".tmp-*"):  # left by a killed writer (none is live)
-            os.remove(name)
+        files.remove_temporaries(*os.path.split(path))  # left by a killed writer (none is live)
         index = _read_index(cfg.cache)
         index[_request(cfg, res.precision)] = {
             "file": os.path.basename(res.path), "weights_id": res.weights.id,

@@ -330,7 +330,8 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
         versions=library_versions(*TORCH_STACK),
         size_bytes=os.path.getsize(best_path),
         checkpoint=os.path.basename(best_path),
-        checkpoints={name: files.file_digest(ctx.file(name), "sha256") for name in (paths.RUN_MODEL, paths.RUN_LAST)},
+        checkpoints={paths.RUN_MODEL: t.model_sha256 or files.file_digest(best_path, "sha256"),  # hashed when saved
+                     paths.RUN_LAST: files.file_digest(ctx.file(paths.RUN_LAST), "sha256")},
         skipped=ctx.skipped,
         key=ctx.key,
         settings=ctx.settings,

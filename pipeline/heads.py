@@ -413,7 +413,7 @@ def _fit_all(ctx: HeadsRun, specs: List[HeadSpec]) -> List[HeadRow]:
                                  "folds scored on plain features" if cfg.use_views else ""))
         for spec in specs:
             if cfg.out_of_core:
-                fitted = fit_out_of_core(spec, ctx.path, cfg, ctx.classes)
+                fitted = fit_out_of_core(spec, ctx.path, cfg, ctx.classes, int(ctx.meta["splits"]["train"]["n"]))
             else:
                 fitted = _fit_in_memory(spec, data, folds, ctx)
             rows.append(_finish(ctx, spec, fitted))

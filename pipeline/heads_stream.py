@@ -45,7 +45,7 @@ def _shuffled(xs, ys, idx, rng):
     return X[p], y[p], i[p]
 
 
-def fit_out_of_core(spec, path: str, cfg: HeadsConfig, classes: Sequence[str]) -> Fitted:
+def fit_out_of_core(spec, path: str, cfg: HeadsConfig, classes: Sequence[str], n: int) -> Fitted:
     """SGD with ``partial_fit`` over HDF5 chunks; memory is O(chunk_rows) plus 9 bytes per row.
 
     A first pass fits the final scaler and reads the labels, which fix a stratified hold-out
@@ -54,7 +54,7 @@ def fit_out_of_core(spec, path: str, cfg: HeadsConfig, classes: Sequence[str]) -
     alpha is then refitted on every train row.
     """
     start = time.perf_counter()
-    n, step = int(store.read_meta(path)["splits"]["train"]["n"]), cfg.chunk_rows
+    step = cfg.chunk_rows  # n: the train rows, from the metadata the caller has read
     scaler, cv_scaler, labels = StandardScaler(), StandardScaler(), np.empty(n, np.int64)
     for i, (X, y) in enumerate(store.iter_split_chunks(path, "train", step)):
         scaler.partial_fit(X)
