@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pipeline import store  # noqa: E402
+from pipeline.features import store  # noqa: E402
 
 DIM = 512
 

@@ -21,7 +21,8 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-from pipeline import backbone, extraction  # noqa: E402
+from pipeline import backbones  # noqa: E402
+from pipeline.features import extraction  # noqa: E402
 from pipeline.config import PREPROCESS  # noqa: E402
 
 # CPU flags that decide how fast this code can run (bf16 autocast is only a win with native bf16).
@@ -72,10 +73,10 @@ def machine() -> Dict[str, object]:
                     break
     except OSError:
         pass
-    flags = backbone.cpu_features()
+    flags = backbones.cpu_features()
     info = {"cpu": model, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
             "cpu_flags": sorted(f for f in FLAGS_THAT_MATTER if f in flags),
-            "native_bf16_cpu": backbone.native_bf16(torch.device("cpu")),
+            "native_bf16_cpu": backbones.native_bf16(torch.device("cpu")),
             "torch": torch.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
@@ -92,7 +93,7 @@ def forward_floor(weights, device: torch.device, precision: str, batch: int, n_i
 
     Best of ``repeats`` timings of ``n_images`` (rounded up to whole batches), after a warm-up batch.
     """
-    model = backbone.feature_extractor(weights, device, channels_last)
+    model = backbones.feature_extractor(weights, device, channels_last)
     x = torch.randn(batch, 3, PREPROCESS["crop"], PREPROCESS["crop"], device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -115,7 +116,7 @@ def epoch_floor(device: torch.device, precision: str, n_train: int, n_val: int, 
     """Seconds of one end-to-end epoch's compute on random tensors: forward + backward + SGD step
     of the whole ResNet18 (what ``finetune``/``scratch`` train) at ``train_batch`` over ``n_train``
     images, plus the val forward at ``val_batch`` over ``n_val`` images. A warm-up step first."""
-    model = backbone.build_model(None, num_classes=num_classes).to(device)
+    model = backbones.build_model(None, num_classes=num_classes).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
@@ -133,7 +134,7 @@ def epoch_floor(device: torch.device, precision: str, n_train: int, n_val: int, 
     by_size = {x.shape[0]: (x, y) for x, y in train_batches}
 
     def step(x, y):
-        with backbone.autocast(device, precision):
+        with backbones.autocast(device, precision):
             out = model(x)
         loss = F.cross_entropy(out.float(), y)
         opt.zero_grad(set_to_none=True)
@@ -149,7 +150,7 @@ def epoch_floor(device: torch.device, precision: str, n_train: int, n_val: int, 
     extraction.sync(device)
     train = time.perf_counter() - start
     model.eval()
-    with torch.inference_mode(), backbone.autocast(device, precision):
+    with torch.inference_mode(), backbones.autocast(device, precision):
         for x in val_batches.values():
             model(x).float()  # warm-up
         extraction.sync(device)

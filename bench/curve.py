@@ -4,7 +4,7 @@
     python bench/curve.py --features FILE --heads logistic,ridge --subsets 5 --repeat 3
 
 Fits the default head suite on every k = 1, 2, 4, ... (5 seeded subsets per k, CV inside
-each subset) exactly as ``compare`` does (``pipeline.curve.heads_curve``), and prints the
+each subset) exactly as ``compare`` does (``pipeline.compare.curve.heads_curve``), and prints the
 process time (this process's CPU time: the measure that a shared machine disturbs least;
 the curve is single-threaded) and the wall time of each repeat, and the issue's target
 (the whole curve on the tutorial's data under 30 s on 2 cores).
@@ -19,7 +19,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from pipeline import curve, store  # noqa: E402
+from pipeline.compare import curve  # noqa: E402
+from pipeline.features import store  # noqa: E402
 from pipeline.config import HeadsConfig  # noqa: E402
 
 TARGET_SECONDS = 30.0

@@ -35,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, REPO)
 
-from pipeline import store  # noqa: E402
+from pipeline.features import store  # noqa: E402
 
 
 def default_data() -> str:
@@ -51,7 +51,7 @@ def default_data() -> str:
 
 def worker(args) -> None:
     """Run the feature stage; every rank writes ``<out>.rank<r>.json`` with its peak RSS."""
-    from pipeline import features
+    from pipeline.features import stage as features
     from pipeline.config import FeaturesConfig
 
     cfg = FeaturesConfig(data=args.data, cache=args.cache, weights="random", device="cpu", progress=False,

@@ -43,8 +43,10 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     import torch
 
-    from pipeline import export, extraction, heads, onnx_client, predict
-    from pipeline import images as pipeline_images
+    from pipeline.export import stage as export, client, predict
+    from pipeline.features import extraction
+    from pipeline.heads import stage as heads
+    from pipeline.data import images as pipeline_images
     from pipeline.config import ExportConfig, PredictConfig
 
     threads = args.threads or os.cpu_count() or 1
@@ -69,7 +71,7 @@ def main(argv=None) -> int:
                                  device="cpu", batch_size=args.batch_size)
 
         def by_model():  # what predict --model does, with the thread count set
-            model = onnx_client.OnnxClassifier(path, device="cpu", threads=threads)
+            model = client.OnnxClassifier(path, device="cpu", threads=threads)
             paths = pipeline_images.collect_images([images])
             ok, logits, proba, _errors = model.classify(paths, args.batch_size)
             pred = logits.argmax(1)

@@ -39,7 +39,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402  (bench/common.py: the compute floors every benchmark shares)
 
-from pipeline import backbone, config, extraction, features, finetune, store  # noqa: E402
+from pipeline import backbones  # noqa: E402
+from pipeline import config  # noqa: E402
+from pipeline.features import extraction, stage as features, store  # noqa: E402
+from pipeline.finetune import stage as finetune  # noqa: E402
 from pipeline.config import FeaturesConfig, FinetuneConfig  # noqa: E402
 from pipeline.text import format_table  # noqa: E402
 
@@ -170,7 +173,7 @@ def environment(device: torch.device) -> dict:
 def check(args) -> dict:
     sizes = DRY if args.dry_run else FULL
     apply_sizes(args.dry_run)
-    device = backbone.choose_device(args.device)
+    device = backbones.choose_device(args.device)
     work = tempfile.mkdtemp(prefix="gpu-check-")
     try:
         return _check(args, sizes, device, work)
@@ -230,7 +233,7 @@ def _check(args, sizes: dict, device: torch.device, work: str) -> dict:
                          "ok": bool(same_key and diff <= 1e-4), "seconds": seconds, "max_abs_diff": diff})
 
     # 4. one fine-tuning epoch against its floor
-    precision = backbone.choose_precision("auto", device)
+    precision = backbones.choose_precision("auto", device)
     one = finetune_run(data_dir, os.path.join(work, "ft-one"), spec, precision, 1)
     epoch_s = one.metrics["epoch_seconds"][0]
     floor = epoch_floor(device, precision, n_train, n_val, FinetuneConfig.batch_size,

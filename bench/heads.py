@@ -78,7 +78,7 @@ def write_synthetic_cache(path: str, rows: int, val_rows: int = 2000, dim: int =
     import h5py
     import numpy as np
 
-    from pipeline import store
+    from pipeline.features import store
 
     rng = np.random.default_rng(seed)
     means = rng.normal(0.0, 0.05, (n_classes, dim)).astype(np.float32)
@@ -133,7 +133,7 @@ def write_digits_images(root: str) -> str:
 
 def digits_cache(work: str) -> tuple:
     """(feature cache path, extraction seconds) for the digits images, random weights."""
-    from pipeline import features
+    from pipeline.features import stage as features
     from pipeline.config import FeaturesConfig
 
     data = write_digits_images(os.path.join(work, "digits"))
@@ -146,7 +146,7 @@ def digits_cache(work: str) -> tuple:
 
 
 def time_suite(path: str, heads_names, repeats: int, jobs: int) -> dict:
-    from pipeline import heads
+    from pipeline.heads import stage as heads
     from pipeline.config import HeadsConfig
 
     runs = []
@@ -185,15 +185,15 @@ def scaling_table(args) -> list:
         _print_case(cases[-1])
     features = args.features
     if not features and args.data:
-        from pipeline import heads
+        from pipeline.heads import stage as heads
         from pipeline.config import HeadsConfig
 
-        from pipeline.backbone import imagenet_cache_file
+        from pipeline.backbones.network import imagenet_cache_file
 
         weights = args.weights or ("imagenet" if os.path.isfile(imagenet_cache_file()) else "random")
         features = heads.features_path(HeadsConfig(data=args.data, cache=args.cache, weights=weights))
     if features:
-        from pipeline import store
+        from pipeline.features import store
 
         meta = store.read_meta(features)
         res = time_suite(features, heads_names, args.repeats, args.jobs)
@@ -245,7 +245,7 @@ def print_table(cases: list) -> None:
 
 _CHILD = r"""
 import json, os, resource, sys, time, tempfile, tracemalloc
-from pipeline import heads
+from pipeline.heads import stage as heads
 from pipeline.config import HeadsConfig
 
 

@@ -53,7 +53,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (REPO, default_data, epoch_floor, forward_floor, machine, pin_threads,  # noqa: E402
                     ratio_row, subset_folder)
-from pipeline import backbone, data, extraction, features, finetune, store  # noqa: E402
+from pipeline import backbones  # noqa: E402
+from pipeline.data import imagefolder as data  # noqa: E402
+from pipeline.features import extraction, stage as features, store  # noqa: E402
+from pipeline.finetune import stage as finetune  # noqa: E402
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig  # noqa: E402
 from tutorial import run_tutorial  # noqa: E402
 
@@ -117,7 +120,7 @@ def project_epoch(data_dir: str, weights: str, device: str, cache: str, threads:
 
 def heads_suite(path: str) -> float:
     """Wall seconds of the default head suite (cross-validation, refit, val metrics, save) in process."""
-    from pipeline import heads
+    from pipeline.heads import stage as heads
     from pipeline.config import HeadsConfig
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,12 +150,12 @@ def onnx_extraction(data_dir: str, weights: str, precision: str, fp32_cache: str
     """`features --engine onnxruntime` (fp32) against `--engine torch` at `precision` (what `auto`
     picks), end to end in this process, alternating, a cold cache each time (the export done
     first, untimed: it happens once per weights); and its features against torch's fp32 ones."""
-    from pipeline import onnx_engine
+    from pipeline.features import onnx_engine
 
     speeds: Dict[str, List[float]] = {"onnxruntime": [], "torch": []}
     path = ""
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_engine.export_backbone(backbone.resolve_weights(weights), tmp)
+        onnx_engine.export_backbone(backbones.resolve_weights(weights), tmp)
         for r in range(rounds):
             for engine in (("onnxruntime", "torch") if r % 2 == 0 else ("torch", "onnxruntime")):
                 res = features.run(FeaturesConfig(
@@ -214,9 +217,9 @@ def onnx_vs_torch(weights_obj, device: torch.device, precision: str, batch: int,
         return {"note": "onnxruntime is not installed (pip install -e '.[onnx]')"}
     if device.type != "cpu":
         return {"note": "ONNX Runtime is measured on CPU only"}
-    from pipeline import onnx_engine
+    from pipeline.features import onnx_engine
 
-    model = backbone.feature_extractor(weights_obj, device, channels_last=False)
+    model = backbones.feature_extractor(weights_obj, device, channels_last=False)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         path = onnx_engine.export_backbone(weights_obj, tmp)  # what --engine onnxruntime runs
@@ -265,7 +268,7 @@ def draft_agreement(data_dir: str, weights_obj, device: torch.device) -> Dict:
                 continue
     if not big:
         return {"images": 0}
-    model = backbone.feature_extractor(weights_obj, device)
+    model = backbones.feature_extractor(weights_obj, device)
     out, decode_s = {}, {}
     for draft in (True, False):
         dataset = data.ExtractionDataset(ds.root, big, draft=draft)
@@ -311,10 +314,10 @@ def main(args) -> int:
         raise SystemExit("--rounds must be at least 2 (alternating order)")
     skip = set(filter(None, args.skip.split(",")))
     threads = pin_threads(args.threads)
-    device = backbone.choose_device(args.device)
-    precision = backbone.choose_precision("auto", device)
-    weights = "imagenet" if os.path.isfile(backbone.imagenet_cache_file()) else "random"
-    weights_obj = backbone.resolve_weights(weights)
+    device = backbones.choose_device(args.device)
+    precision = backbones.choose_precision("auto", device)
+    weights = "imagenet" if os.path.isfile(backbones.imagenet_cache_file()) else "random"
+    weights_obj = backbones.resolve_weights(weights)
     label = "imagenet" if weights == "imagenet" else "random (not pretrained: ImageNet weights not cached here)"
     subset = args.subset or (20 if args.quick else 0)
     report: Dict[str, object] = {

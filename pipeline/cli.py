@@ -17,7 +17,8 @@ import sys
 import warnings
 from typing import Callable, Dict, List, Optional
 
-from . import config, uptodate
+from . import config
+from .features import uptodate
 from .config import SEED_RANGE
 from .errors import ParameterError, UserError
 
@@ -125,7 +126,7 @@ def _add_info(sub) -> None:
 
 
 def _run_info(args) -> None:
-    from . import store
+    from .features import store
 
     print(store.describe(args.path))
 
@@ -287,7 +288,7 @@ def _add_predict(sub) -> None:
 
 
 def _run_predict(args) -> None:
-    from . import predict
+    from .export import predict
 
     args.inputs = tuple(args.inputs)
     result = predict.run(_config(config.PredictConfig, args))

@@ -176,7 +176,7 @@ class WeightsRef(_Record):
     path : str or None
         Absolute path of the state_dict file, for ``file``.
     sha256 : str
-        Content hash of the state_dict (:func:`pipeline.backbone.state_dict_sha256`).
+        Content hash of the state_dict (:func:`pipeline.backbones.network.state_dict_sha256`).
     """
 
     kind: str

@@ -52,7 +52,9 @@ def small_project(root: Path, head_names, then=None) -> dict:
     """A 3 + 2 image per class data set under ``root``, its feature cache and ``head_names``
     fitted on it, at SMALL_PREPROCESS; ``then(data, cache)`` runs under the same preprocessing
     (an end-to-end run, say). Returns ``{"data", "cache", "features"}``."""
-    from pipeline import config, features, heads
+    from pipeline import config
+    from pipeline.features import stage as features
+    from pipeline.heads import stage as heads
     from pipeline.config import FeaturesConfig, HeadsConfig
 
     data = make_dataset(root / "data", n_train=3, n_val=2)
@@ -87,10 +89,10 @@ def _fp32_on_every_cpu():
     """`--precision auto` means fp32 in every test, whatever the CPU (and in subprocesses too):
     on a CPU with native bf16 it would pick bf16. tests/test_precision.py tests the detection.
     Session-scoped, so that module-scoped fixtures see it too."""
-    from pipeline import backbone
+    from pipeline import backbones
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(backbone.NATIVE_BF16_ENV, "0")
+        mp.setenv(backbones.NATIVE_BF16_ENV, "0")
         yield
 
 

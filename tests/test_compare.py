@@ -18,7 +18,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 import pytest
 
-from pipeline import cli, compare, compare_report, files, plots, store
+from pipeline import cli, files
+from pipeline.compare import stage as compare, report, plots
+from pipeline.features import store
 from pipeline.config import CompareConfig
 from pipeline.errors import UserError
 from pipeline.metrics import evaluate
@@ -488,7 +490,7 @@ def test_a_full_disk_at_any_write_step_leaves_the_previous_report_whole(tmp_path
     n = 1
     while True:  # the n-th write of the set fails, for n = 1, 2, ... until a run needs fewer writes
         fake, _calls = full_disk(real_write, n)
-        for owner in (files, compare_report, plots):
+        for owner in (files, report, plots):
             monkeypatch.setattr(owner, "atomic_write", fake)
         if attempt():
             break

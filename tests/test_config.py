@@ -68,7 +68,7 @@ def test_the_cli_names_the_option(capsys, argv, line):
 
 
 def test_export_needs_exactly_one_source():
-    from pipeline import export
+    from pipeline.export import stage as export
 
     for cfg in (config.ExportConfig(), config.ExportConfig(head="logistic", run="finetune")):
         with pytest.raises(ParameterError, match=r"name one source: head NAME .*, run MODE.* or recommended"):

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import curve, splits
+from pipeline.compare import curve
+from pipeline.data import splits
 
 HEADS = ("logistic", "ridge", "linear_svm", "knn")  # the SGD heads fit the same way, slower
 

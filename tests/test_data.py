@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import data
+from pipeline.data import imagefolder as data
 from pipeline.errors import UserError
 from tests.conftest import make_dataset
 

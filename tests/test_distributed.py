@@ -15,7 +15,8 @@ import numpy as np
 import psutil
 import pytest
 
-from pipeline import distributed, features, store
+from pipeline import distributed
+from pipeline.features import stage as features, store
 from pipeline.config import FeaturesConfig
 from pipeline.errors import UserError
 from tests.conftest import make_dataset
@@ -113,7 +114,7 @@ def test_two_ranks_write_the_single_process_cache(reference, tmp_path):
 
 _SLOW_RANK = """
 import sys, time
-import pipeline.store as s
+import pipeline.features.store as s
 original = s.write_part
 def slow(*a, **k):
     out = original(*a, **k)

@@ -12,7 +12,11 @@ import pytest
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pipeline import cli, config, export, features, finetune, heads, predict
+from pipeline import cli, config
+from pipeline.export import stage as export, predict
+from pipeline.features import stage as features
+from pipeline.finetune import stage as finetune
+from pipeline.heads import stage as heads
 from pipeline.config import ExportConfig, FeaturesConfig, FinetuneConfig, HeadsConfig, PredictConfig
 from pipeline.errors import UserError
 
@@ -231,7 +235,7 @@ def test_a_run_checkpoint_changed_after_training_is_refused(project, tmp_path):
 
 
 def test_recommended_names_what_compare_recommends(project, tmp_path):
-    from pipeline import compare
+    from pipeline.compare import stage as compare
     from pipeline.config import CompareConfig
 
     _, cache = project["three"]

@@ -7,7 +7,12 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from pipeline import backbone, data, distributed, extraction, features, finetune, heads
+from pipeline import backbones
+from pipeline.data import imagefolder as data
+from pipeline import distributed
+from pipeline.features import extraction, stage as features
+from pipeline.finetune import stage as finetune
+from pipeline.heads import stage as heads
 from pipeline.config import FEATURE_DIM, FeaturesConfig, FinetuneConfig, HeadsConfig
 from pipeline.errors import UserError
 
@@ -34,7 +39,7 @@ class Recorder(torch.nn.Module):
 @pytest.fixture
 def recorder(monkeypatch):
     model = Recorder()
-    monkeypatch.setattr(backbone, "feature_extractor", lambda weights, device, channels_last=True: model)
+    monkeypatch.setattr(backbones.network, "feature_extractor", lambda weights, device, channels_last=True: model)
     return model
 
 
@@ -99,7 +104,7 @@ def test_views_never_multiply_the_forward_batch_and_no_host_copy_precedes_the_de
 
 def test_out_of_memory_is_one_user_error_naming_the_batch_size(tiny_data, tmp_path, monkeypatch):
     oom = Recorder(fail=torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 11.00 GiB"))
-    monkeypatch.setattr(backbone, "feature_extractor", lambda weights, device, channels_last=True: oom)
+    monkeypatch.setattr(backbones.network, "feature_extractor", lambda weights, device, channels_last=True: oom)
     cfg = FeaturesConfig(data=str(tiny_data), cache=str(tmp_path / "c"), weights="random", device="cpu",
                          batch_size=8, workers=0, progress=False)
     with pytest.raises(UserError, match=r"out of memory on cpu with --batch-size 8; lower it \(e.g. --batch-size 4\)"):
@@ -153,7 +158,7 @@ def test_seeding_leaves_the_callers_cuda_generators_alone(monkeypatch, images, s
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
     cpu_state = torch.get_rng_state()
-    weights = backbone.resolve_weights("random", 3)
+    weights = backbones.resolve_weights("random", 3)
     root, relpaths = images
     sample = data.ExtractionDataset(str(root), relpaths[:1], views=2, seed=1)[0]
     with data.seeded(5):
@@ -169,10 +174,10 @@ def test_seeding_leaves_the_callers_cuda_generators_alone(monkeypatch, images, s
 
 def test_weights_are_hashed_once_per_process(tmp_path, monkeypatch):
     path = tmp_path / "w.pt"
-    torch.save(backbone.build_model(None).state_dict(), path)
+    torch.save(backbones.build_model(None).state_dict(), path)
     hashed = []
-    real = backbone.state_dict_sha256
-    monkeypatch.setattr(backbone, "state_dict_sha256", lambda sd: hashed.append(1) or real(sd))
+    real = backbones.state_dict_sha256
+    monkeypatch.setattr(backbones.network, "state_dict_sha256", lambda sd: hashed.append(1) or real(sd))
     first = extraction.load_weights(str(path))
     assert extraction.load_weights(str(path)) is first and len(hashed) == 1
     os.utime(path, ns=(1, 1))  # a changed file is read and checked again
@@ -191,7 +196,7 @@ def test_heads_find_the_cache_from_the_index_without_weights_or_images(tiny_data
         raise AssertionError("finding the cache must not load weights or list images")
 
     with monkeypatch.context() as m:
-        m.setattr(backbone, "resolve_weights", forbidden)
+        m.setattr(backbones.network, "resolve_weights", forbidden)
         m.setattr(extraction, "load_weights", forbidden)
         m.setattr(data, "discover", forbidden)
         assert heads.features_path(hcfg) == made.path
@@ -202,7 +207,7 @@ def test_heads_find_the_cache_from_the_index_without_weights_or_images(tiny_data
         heads.features_path(HeadsConfig(**dict(vars(hcfg), data=str(tmp_path))))
     # A weights file names its cache by path and stat: a changed file names none until `features` runs.
     path = tmp_path / "w.pt"
-    torch.save(backbone.build_model(None).state_dict(), path)
+    torch.save(backbones.build_model(None).state_dict(), path)
     fcfg = FeaturesConfig(data=str(tiny_data), cache=str(cache), weights=str(path), device="cpu", workers=0,
                           progress=False)
     made = features.run(fcfg)

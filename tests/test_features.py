@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 from torchvision import models, transforms
 
-from pipeline import backbone, features, store
+from pipeline import backbones
+from pipeline.features import stage as features, store
 from pipeline.config import FeaturesConfig
 from pipeline.errors import UserError
 from tests.conftest import make_dataset, make_image
@@ -83,7 +84,7 @@ def test_warm_rerun_does_no_forward_pass(tiny_data, tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise AssertionError("the backbone must not run on an unchanged data set")
 
-    monkeypatch.setattr(backbone, "feature_extractor", no_network)
+    monkeypatch.setattr(backbones.network, "feature_extractor", no_network)
     os.utime(tiny_data / "train/ants/img_000.jpg")  # touched, not changed: the hash decides
     second = features.run(cfg)
     assert second.up_to_date and second.computed == 0
@@ -193,31 +194,31 @@ def test_strict_makes_a_bad_image_fatal(tiny_data, tmp_path):
 def test_imagenet_weights_come_from_the_torch_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
     with pytest.raises(UserError, match="resnet18-f37072fd.pth"):
-        backbone.resolve_weights("imagenet")
+        backbones.resolve_weights("imagenet")
     torch.manual_seed(3)
     sd = models.resnet18().state_dict()
-    target = Path(backbone.imagenet_cache_file())
+    target = Path(backbones.imagenet_cache_file())
     assert target.parent == tmp_path / "th" / "hub" / "checkpoints"
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, target)
-    w = backbone.resolve_weights("imagenet")
+    w = backbones.resolve_weights("imagenet")
     assert w.id == "imagenet" and w.pretrained
-    assert w.sha256 == backbone.state_dict_sha256(sd)
+    assert w.sha256 == backbones.state_dict_sha256(sd)
 
 
 def test_weights_from_a_state_dict_file(tmp_path):
     sd = models.resnet18().state_dict()
     torch.save({"model": sd}, tmp_path / "best.pt")
-    w = backbone.resolve_weights(str(tmp_path / "best.pt"))
-    assert w.id == "file:best.pt" and w.sha256 == backbone.state_dict_sha256(sd)
+    w = backbones.resolve_weights(str(tmp_path / "best.pt"))
+    assert w.id == "file:best.pt" and w.sha256 == backbones.state_dict_sha256(sd)
     (tmp_path / "junk.pt").write_text("no")
     with pytest.raises(UserError, match="not a readable"):
-        backbone.resolve_weights(str(tmp_path / "junk.pt"))
+        backbones.resolve_weights(str(tmp_path / "junk.pt"))
 
 
 _SLOW_RUN = """
 import sys, time
-import pipeline.store as s
+import pipeline.features.store as s
 original = s.write_part
 def slow(*a, **k):
     out = original(*a, **k)

@@ -8,7 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline import backbone, cli, config, finetune
+from pipeline import backbones
+from pipeline import cli, config
+from pipeline.finetune import stage as finetune
 from pipeline.config import FinetuneConfig
 from pipeline.errors import UserError
 from tests.conftest import make_dataset
@@ -87,17 +89,17 @@ def test_finetune_writes_the_schema_and_trains_every_layer(tiny_data, tmp_path):
     assert "not pretrained" in result.summary()
 
     # Every parameter moved; model.pt is a state_dict file that --weights PATH accepts.
-    initial = backbone.resolve_weights("random", 0).state_dict
+    initial = backbones.resolve_weights("random", 0).state_dict
     last = _model(run.path)
     assert all(not torch.equal(last[k], initial[k]) for k in initial if k.endswith(".weight") and "fc" not in k)
-    weights = backbone.resolve_weights(os.path.join(run.path, "model.pt"))
+    weights = backbones.resolve_weights(os.path.join(run.path, "model.pt"))
     assert weights.pretrained and weights.state_dict["fc.weight"].shape == (2, 512)
 
 
 @pytest.mark.parametrize("mode", ["fixed", "partial"])
 def test_frozen_layers_and_their_batchnorm_statistics_do_not_change(tiny_data, tmp_path, mode):
     run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode=mode, trainable_from="layer3")).runs[0]
-    initial = backbone.resolve_weights("random", 0).state_dict
+    initial = backbones.resolve_weights("random", 0).state_dict
     last = _model(run.path)
     frozen = [k for k in initial if k.startswith(FROZEN_BY[mode])]
     trained = [k for k in initial if k not in frozen and k.endswith(".weight") and not k.startswith("fc.")]
@@ -112,7 +114,7 @@ def test_frozen_layers_and_their_batchnorm_statistics_do_not_change(tiny_data, t
 
 def test_bn_train_reproduces_the_tutorial_drift(tiny_data, tmp_path):
     run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode="fixed", bn="train", epochs=1)).runs[0]
-    initial = backbone.resolve_weights("random", 0).state_dict
+    initial = backbones.resolve_weights("random", 0).state_dict
     last = _model(run.path)
     assert torch.equal(last["conv1.weight"], initial["conv1.weight"])  # still frozen...
     assert not torch.equal(last["bn1.running_mean"], initial["bn1.running_mean"])  # ...but statistics drift
@@ -190,30 +192,30 @@ def test_complete_run_is_reused_and_changed_settings_start_over(tiny_data, tmp_p
 def test_three_weights_sources(tiny_data, tmp_path, monkeypatch):
     # PATH: a plain state_dict file.
     torch.manual_seed(7)
-    sd = backbone.build_model(None).state_dict()
+    sd = backbones.build_model(None).state_dict()
     path = tmp_path / "my_weights.pt"
     torch.save(sd, path)
     run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode="fixed", epochs=1, weights=str(path))).runs[0]
     assert run.metrics["weights_id"] == "file:my_weights.pt" and run.metrics["pretrained"] is True
-    assert run.metrics["weights_sha256"] == backbone.state_dict_sha256(sd)
+    assert run.metrics["weights_sha256"] == backbones.state_dict_sha256(sd)
     assert torch.equal(_model(run.path)["layer1.0.conv1.weight"], sd["layer1.0.conv1.weight"])
 
     # imagenet: read from torch's hub cache (TORCH_HOME is a temporary folder in tests).
     with pytest.raises(UserError, match="not cached"):
         finetune.run(_cfg(tiny_data, tmp_path / "d", mode="fixed", epochs=1, weights="imagenet"))
-    target = backbone.imagenet_cache_file()
+    target = backbones.imagenet_cache_file()
     os.makedirs(os.path.dirname(target), exist_ok=True)
     torch.save(sd, target)
     run = finetune.run(_cfg(tiny_data, tmp_path / "d", mode="fixed", epochs=1, weights="imagenet")).runs[0]
     assert run.metrics["weights_id"] == "imagenet" and run.metrics["pretrained"] is True
-    assert run.metrics["weights_sha256"] == backbone.state_dict_sha256(sd)
+    assert run.metrics["weights_sha256"] == backbones.state_dict_sha256(sd)
 
     # scratch ignores --weights: seeded random init, labelled not pretrained.
     run = finetune.run(_cfg(tiny_data, tmp_path / "e", mode="scratch", epochs=1, seed=3,
                             weights="imagenet")).runs[0]
     assert run.path.endswith("scratch-3") and run.metrics["weights_id"] == "random-seed3"
     assert run.metrics["pretrained"] is False
-    assert run.metrics["weights_sha256"] == backbone.resolve_weights("random", 3).sha256
+    assert run.metrics["weights_sha256"] == backbones.resolve_weights("random", 3).sha256
 
 
 def test_bf16_autocast_on_cpu_is_optional_and_recorded(tiny_data, tmp_path):

@@ -164,9 +164,9 @@ _LONG = settings(max_examples=120, deadline=None, database=None,
 @pytest.fixture
 def no_figures(monkeypatch):
     """compare's figures take seconds each and read no option the fuzzer varies (test_compare covers them)."""
-    from pipeline import compare_report
+    from pipeline.compare import report
 
-    monkeypatch.setattr(compare_report, "figure_jobs", lambda *args, **kwargs: {})
+    monkeypatch.setattr(report, "figure_jobs", lambda *args, **kwargs: {})
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -17,7 +17,9 @@ from sklearn.exceptions import InconsistentVersionWarning
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.svm import LinearSVC
 
-from pipeline import cli, heads, heads_cv, heads_stream, store
+from pipeline import cli
+from pipeline.heads import stage as heads, cv, stream
+from pipeline.features import store
 from pipeline.config import HeadsConfig
 from pipeline.errors import UserError
 from pipeline.records import WeightsRef
@@ -133,16 +135,16 @@ def test_grid_spans_published_range_and_refines(tmp_path, separable):
 def test_views_stay_in_their_images_fold():
     n, k = 20, 3
     y = np.repeat([0, 1], n // 2)
-    data = heads_cv.TrainData(np.random.default_rng(0).normal(size=(n * (k + 1), 8)).astype(np.float32),
+    data = cv.TrainData(np.random.default_rng(0).normal(size=(n * (k + 1), 8)).astype(np.float32),
                               np.concatenate([y, np.repeat(y, k)]),
                               np.concatenate([np.arange(n), np.repeat(np.arange(n), k)]), n, k)
     seen_test = []
-    for train_img, test_img in heads_cv.splitter(4, 0).split(np.zeros((n, 1)), y):
+    for train_img, test_img in cv.splitter(4, 0).split(np.zeros((n, 1)), y):
         rows = np.isin(data.groups, train_img)
         assert not set(data.groups[rows]) & set(test_img)  # no view of a held-out image in training
         assert rows.sum() == len(train_img) * (k + 1)
         seen_test.extend(test_img)
-    folds = heads_cv.make_folds(data, 4, 0)
+    folds = cv.make_folds(data, 4, 0)
     assert sorted(seen_test) == list(range(n))
     assert [len(f.y_test) for f in folds] == [5, 5, 5, 5] and all(len(f.y_train) == 60 for f in folds)
 
@@ -169,7 +171,7 @@ def _fold(n_classes, seed=0, n=40, dim=60, m=30, duplicates=0, sep=0.4):
     y[n - duplicates:] = y[:duplicates]
     Xt = means[yt] + rng.normal(size=(m, dim))
     mu, sd = X.mean(0), X.std(0)
-    fold = heads_cv.prepare_fold(((X - mu) / sd).astype(np.float32), y, ((Xt - mu) / sd).astype(np.float32), yt)
+    fold = cv.prepare_fold(((X - mu) / sd).astype(np.float32), y, ((Xt - mu) / sd).astype(np.float32), yt)
     if n < dim:
         assert fold.basis == "span" and fold.Z_train.shape == (n, n - 1 - duplicates)
     else:
@@ -216,12 +218,12 @@ def test_fast_cv_chooses_what_sklearn_cv_chooses(n, dim, n_classes):
     rng = np.random.default_rng(n_classes)
     y = np.arange(n) % n_classes
     X = (rng.normal(0, 0.3, (n_classes, dim))[y] + rng.normal(size=(n, dim))).astype(np.float32)
-    folds = heads_cv.make_folds(heads_cv.TrainData(X, y, np.arange(n), n, 0), 5, 0)
+    folds = cv.make_folds(cv.TrainData(X, y, np.arange(n), n, 0), 5, 0)
     # multiclass logistic regression has no fast path: both would run the same lbfgs fits
     for name in ("ridge", "logistic", "linear_svm") if n_classes == 2 else ("ridge", "linear_svm"):
         spec = heads.REGISTRY[name]
-        fast = heads_cv.cross_validate(spec, folds, 0, 1, "test")
-        reference = heads_cv.cross_validate(dataclasses.replace(spec, cv_path=None), folds, 0, 1, "test")
+        fast = cv.cross_validate(spec, folds, 0, 1, "test")
+        reference = cv.cross_validate(dataclasses.replace(spec, cv_path=None), folds, 0, 1, "test")
         assert fast["grid"] == reference["grid"], name
         assert fast["best"] == reference["best"], name
         np.testing.assert_allclose(fast["mean"], reference["mean"], atol=1.5 / n, err_msg=name)
@@ -230,7 +232,7 @@ def test_fast_cv_chooses_what_sklearn_cv_chooses(n, dim, n_classes):
 def test_feature_basis_in_float32_matches_float64(monkeypatch):
     """Large folds stay float32 (as cached); the Newton paths still reach the same answers."""
     fold64 = _fold(2, seed=5, n=400, dim=30, m=80, sep=0.15)
-    monkeypatch.setattr(heads_cv, "_FLOAT64_MAX_VALUES", 0)
+    monkeypatch.setattr(cv, "_FLOAT64_MAX_VALUES", 0)
     fold32 = _fold(2, seed=5, n=400, dim=30, m=80, sep=0.15)
     assert fold32.X_train.dtype == np.float32 and fold64.X_train.dtype == np.float64
     for head in ("logistic", "linear_svm", "ridge"):
@@ -245,7 +247,7 @@ def test_logistic_newton_in_margin_and_weight_space(duplicates):
     """Square basis (margins) and rank-deficient fold (weights) both reproduce lbfgs."""
     fold = _fold(2, seed=11, duplicates=duplicates)
     Cs = [1e-4, 1e-2, 1.0, 100.0]
-    predictions, not_converged = heads_cv.logistic_path(fold, Cs)
+    predictions, not_converged = cv.logistic_path(fold, Cs)
     assert not_converged == 0
     for C, pred in zip(Cs, predictions):
         ref = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(fold.X_train.astype(np.float64), fold.y_train)
@@ -263,7 +265,7 @@ def test_parallel_folds_give_the_same_choices(tmp_path):
 def test_basis_is_chosen_from_rows_and_features():
     def fold(n, d):
         X = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
-        return heads_cv.prepare_fold(X - X.mean(0), np.arange(n) % 2, X[:5], np.zeros(5))
+        return cv.prepare_fold(X - X.mean(0), np.arange(n) % 2, X[:5], np.zeros(5))
 
     span, feature = fold(30, 64), fold(100, 64)
     assert span.basis == "span" and span.data(True)[0].shape == (30, 29)
@@ -430,7 +432,7 @@ def test_out_of_core_batches_mix_classes_and_cover_every_row(tmp_path):
     """The cache is stored class by class; each partial_fit batch must still mix classes."""
     path = write_feature_cache(tmp_path / "sorted.h5", n_train=500, n_val=2, dim=8)
     seen, mixed = [], []
-    for X, y, rows in heads_stream.stream_train(path, 1000, 128, np.random.default_rng(0)):
+    for X, y, rows in stream.stream_train(path, 1000, 128, np.random.default_rng(0)):
         assert len(y) <= 128 + 16 and X.shape == (len(y), 8)
         np.testing.assert_array_equal(y, rows >= 500)  # row index i holds label i >= 500
         seen.extend(rows)
@@ -483,7 +485,7 @@ def test_readme_plain_sklearn_snippet_runs_as_written(tmp_path):
 @pytest.mark.slow
 def test_make_heads_on_the_real_data_set(real_data, tmp_path, capsys):
     """`make features` then `make heads` (WEIGHTS=random) on the real data: table, every head saved."""
-    from pipeline import features
+    from pipeline.features import stage as features
     from pipeline.config import FeaturesConfig
 
     cache = str(tmp_path / "cache")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import data, images
+from pipeline.data import imagefolder as data, images
 from pipeline.config import PREPROCESS
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import backbone, features, store
+from pipeline import backbones
+from pipeline.features import stage as features, store
 from pipeline.config import FeaturesConfig
 from pipeline.errors import UserError
 
@@ -48,6 +49,6 @@ def test_onnxruntime_refuses_what_it_cannot_compute(tmp_path, small_images, monk
     data = make_dataset(tmp_path / "data", n_train=1, n_val=1)
     with pytest.raises(UserError, match="--engine onnxruntime computes fp32 on CPU, not bf16"):
         features.resolve(_cfg(data, tmp_path / "c", precision="bf16", engine="onnxruntime"))
-    monkeypatch.setenv(backbone.NATIVE_BF16_ENV, "1")  # where auto is bf16, fp32 must be asked for
+    monkeypatch.setenv(backbones.NATIVE_BF16_ENV, "1")  # where auto is bf16, fp32 must be asked for
     with pytest.raises(UserError, match="--precision fp32"):
         features.resolve(_cfg(data, tmp_path / "c", engine="onnxruntime"))

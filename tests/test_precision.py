@@ -7,7 +7,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline import backbone, cli, features, predict
+from pipeline import backbones
+from pipeline import cli
+from pipeline.features import stage as features
+from pipeline.export import predict
 from pipeline.config import FeaturesConfig, PredictConfig
 from pipeline.errors import UserError
 
@@ -19,10 +22,10 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def detect(monkeypatch):
     """Detection from the (patched) CPU flags, not from the tests' pinned environment."""
-    monkeypatch.delenv(backbone.NATIVE_BF16_ENV, raising=False)
+    monkeypatch.delenv(backbones.NATIVE_BF16_ENV, raising=False)
 
     def flags(*names):
-        monkeypatch.setattr(backbone, "cpu_features", lambda: frozenset(names))
+        monkeypatch.setattr(backbones.device, "cpu_features", lambda: frozenset(names))
 
     return flags
 
@@ -37,11 +40,11 @@ def detect(monkeypatch):
 ])
 def test_auto_on_cpu_picks_bf16_only_where_it_is_native(detect, flags, expected):
     detect(*flags)
-    assert backbone.choose_precision("auto", CPU) == expected
+    assert backbones.choose_precision("auto", CPU) == expected
 
 
 def test_cpu_features_reads_the_real_machine():
-    flags = backbone.cpu_features()
+    flags = backbones.cpu_features()
     assert isinstance(flags, frozenset)
     with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
         text = fh.read()
@@ -52,21 +55,21 @@ def test_cpu_features_reads_the_real_machine():
 
 def test_environment_overrides_the_detection(detect, monkeypatch):
     detect("avx512_bf16")
-    monkeypatch.setenv(backbone.NATIVE_BF16_ENV, "0")
-    assert backbone.choose_precision("auto", CPU) == "fp32"
+    monkeypatch.setenv(backbones.NATIVE_BF16_ENV, "0")
+    assert backbones.choose_precision("auto", CPU) == "fp32"
     detect()
-    monkeypatch.setenv(backbone.NATIVE_BF16_ENV, "1")
-    assert backbone.choose_precision("auto", CPU) == "bf16"
+    monkeypatch.setenv(backbones.NATIVE_BF16_ENV, "1")
+    assert backbones.choose_precision("auto", CPU) == "bf16"
 
 
 def test_explicit_precisions_on_cpu_are_kept(detect, caplog):
     detect("avx2")
     with caplog.at_level(logging.WARNING, logger="pipeline.backbone"):
-        assert backbone.choose_precision("bf16", CPU) == "bf16"  # emulated, but it runs
+        assert backbones.choose_precision("bf16", CPU) == "bf16"  # emulated, but it runs
     assert "emulated" in caplog.text
-    assert backbone.choose_precision("fp32", CPU) == "fp32"
+    assert backbones.choose_precision("fp32", CPU) == "fp32"
     with pytest.raises(UserError, match="fp8"):
-        backbone.choose_precision("fp8", CPU)
+        backbones.choose_precision("fp8", CPU)
 
 
 @pytest.fixture
@@ -85,30 +88,30 @@ def gpus(monkeypatch):
 
 def test_auto_on_cuda_reads_the_device_passed_not_the_current_one(gpus):
     a100, t4 = gpus
-    assert backbone.choose_precision("auto", a100) == "bf16"
-    assert backbone.choose_precision("auto", t4) == "fp16"
+    assert backbones.choose_precision("auto", a100) == "bf16"
+    assert backbones.choose_precision("auto", t4) == "fp16"
 
 
 def test_explicit_bf16_on_a_gpu_without_native_bf16_is_a_user_error(gpus):
     a100, t4 = gpus
-    assert backbone.choose_precision("bf16", a100) == "bf16"
+    assert backbones.choose_precision("bf16", a100) == "bf16"
     with pytest.raises(UserError, match=r"cuda:1 \(Tesla T4, compute capability 7.5\) has no native bf16; use "
                                         r"--precision fp16 or auto"):
-        backbone.choose_precision("bf16", t4)
-    assert backbone.choose_precision("fp16", t4) == "fp16"
+        backbones.choose_precision("bf16", t4)
+    assert backbones.choose_precision("fp16", t4) == "fp16"
 
 
 def test_results_made_elsewhere_get_what_this_device_supports(gpus, detect):
     a100, t4 = gpus
     detect("avx2")
-    assert backbone.supported_precision("bf16", a100) == "bf16"
-    assert backbone.supported_precision("bf16", t4) == "fp16"
-    assert backbone.supported_precision("bf16", CPU) == "fp32"
-    assert backbone.supported_precision("fp16", CPU) == "fp32"
-    assert backbone.supported_precision("fp32", t4) == "fp32"
+    assert backbones.supported_precision("bf16", a100) == "bf16"
+    assert backbones.supported_precision("bf16", t4) == "fp16"
+    assert backbones.supported_precision("bf16", CPU) == "fp32"
+    assert backbones.supported_precision("fp16", CPU) == "fp32"
+    assert backbones.supported_precision("fp32", t4) == "fp32"
     detect("avx512_bf16")
-    assert backbone.supported_precision("bf16", CPU) == "bf16"
-    assert backbone.supported_precision("fp16", CPU) == "bf16"
+    assert backbones.supported_precision("bf16", CPU) == "bf16"
+    assert backbones.supported_precision("fp16", CPU) == "bf16"
 
 
 def test_the_cache_key_includes_the_precision_auto_resolves_to(detect, small_images, tmp_path):

@@ -10,7 +10,10 @@ import time
 
 import pytest
 
-from pipeline import cli, features, heads, predict
+from pipeline import cli
+from pipeline.features import stage as features
+from pipeline.heads import stage as heads
+from pipeline.export import predict
 from pipeline.config import FeaturesConfig, HeadsConfig, PredictConfig
 from pipeline.errors import UserError
 

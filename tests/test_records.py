@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from pipeline import compare, records
+from pipeline.compare import stage as compare
+from pipeline import records
 from pipeline.records import FeaturesRef, HeadRecord, RecordError, RunRecord, SchemaError, WeightsRef
 from tests.test_compare import _val_items, write_feature_cache, write_head, write_run
 
@@ -51,7 +52,7 @@ def test_head_record_names_the_bad_field(tmp_path, tiny_data, change, message):
 
 
 def test_another_schema_version_names_the_fix_everywhere(tmp_path, tiny_data, capsys):
-    from pipeline import heads
+    from pipeline.heads import stage as heads
 
     cache = tmp_path / "cache"
     items = _val_items(tiny_data)

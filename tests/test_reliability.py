@@ -27,7 +27,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import cli, config, features, finetune, heads, store
+from pipeline import cli, config
+from pipeline.features import stage as features, store
+from pipeline.finetune import stage as finetune
+from pipeline.heads import stage as heads
 from pipeline import files as atomic_files  # the one writer of caches, parts, heads, checkpoints and reports
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig
 from tests import faults
@@ -89,10 +92,10 @@ _RANDOM_WEIGHTS: dict = {}
 @pytest.fixture
 def fast_weights(monkeypatch):
     """Resolve each random init once per session (each costs a ResNet18 init and a sha256)."""
-    from pipeline import backbone
+    from pipeline import backbones
 
     memo = _RANDOM_WEIGHTS
-    real = backbone.resolve_weights
+    real = backbones.resolve_weights
 
     def resolve(spec, seed=0):
         if spec != "random":
@@ -101,7 +104,7 @@ def fast_weights(monkeypatch):
             memo[seed] = real(spec, seed)
         return memo[seed]
 
-    monkeypatch.setattr(backbone, "resolve_weights", resolve)
+    monkeypatch.setattr(backbones.network, "resolve_weights", resolve)
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +238,7 @@ def test_a_flipped_bit_in_a_feature_chunk_is_one_line_naming_the_file_and_rebuil
 
 
 def test_load_head_evaluate_and_the_transformer_refuse_a_flipped_bit(flipped, fast_weights):
-    from pipeline.sklearn_api import ResNet18Features
+    from pipeline.heads.sklearn_api import ResNet18Features
 
     with faults.case("bit flips (checksums)", "load_head(...).evaluate and ResNet18Features(cache=...)"):
         head = heads.load_head(flipped["cache"] / "heads" / "logistic.json")
@@ -692,13 +695,13 @@ def test_bad_option_values_are_one_line(argv, small, capsys, fast_weights):
 # =============================================================================== kill anywhere
 
 FEATURE_KILLS = [
-    KillPoint("start-up: planning", "pipeline.features:_plan"),
-    KillPoint("start-up: network built", "pipeline.backbone:feature_extractor", when="after"),
-    KillPoint("mid-batch: 3rd forward done, its part unsaved", "pipeline.extraction:Extractor.forward", call=3,
+    KillPoint("start-up: planning", "pipeline.features.stage:_plan"),
+    KillPoint("start-up: network built", "pipeline.backbones.network:feature_extractor", when="after"),
+    KillPoint("mid-batch: 3rd forward done, its part unsaved", "pipeline.features.extraction:Extractor.forward", call=3,
               when="after"),
     KillPoint("mid-batch: 2nd part written, not yet renamed", "os:replace", call=2, match=".npz')"),
-    KillPoint("between batches: 4th part saved", "pipeline.store:write_part", call=4, when="after"),
-    KillPoint("final save: half the cache written", "pipeline.store:_write_split", call=2),
+    KillPoint("between batches: 4th part saved", "pipeline.features.store:write_part", call=4, when="after"),
+    KillPoint("final save: half the cache written", "pipeline.features.store:_write_split", call=2),
     KillPoint("final save: cache written, not yet renamed", "os:replace", match=".h5')"),
     KillPoint("final save: renamed, work files not yet removed", "shutil:rmtree", match=".parts'"),
     KillPoint("index: written, not yet renamed", "os:replace", match="index.json'"),
@@ -750,12 +753,12 @@ def test_features_killed_anywhere_resumes_to_the_same_cache(point, kill_data, fe
 
 HEADS = "logistic,sgd_log,ridge"
 HEAD_KILLS = [
-    KillPoint("start-up: reading the cache", "pipeline.store:read_meta"),
-    KillPoint("mid-fit: cross-validating the 2nd head", "pipeline.heads:cross_validate", call=2),
+    KillPoint("start-up: reading the cache", "pipeline.features.store:read_meta"),
+    KillPoint("mid-fit: cross-validating the 2nd head", "pipeline.heads.stage:cross_validate", call=2),
     KillPoint("final save: model written, not yet renamed", "os:replace", match=".joblib')"),
     KillPoint("final save: model renamed, sidecar not yet written", "pipeline.files:atomic_write", call=2),
     KillPoint("final save: sidecar written, not yet renamed", "os:replace", match=".json')"),
-    KillPoint("between heads: the 1st saved", "pipeline.heads_io:save", call=2),
+    KillPoint("between heads: the 1st saved", "pipeline.heads.saved:save", call=2),
 ]
 
 
@@ -796,7 +799,7 @@ def heads_reference(features_reference, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("over_saved", [False, True], ids=["fresh", "refit over saved heads"])
 def test_heads_killed_anywhere_rerun_gives_the_same_heads(point, over_saved, features_reference, heads_reference,
                                                           tmp_path):
-    if over_saved and point.target == "pipeline.store:read_meta":
+    if over_saved and point.target == "pipeline.features.store:read_meta":
         pytest.skip("nothing is written before the cache is read")
     with faults.case("kill points", f"heads ({'--rebuild over saved' if over_saved else 'fresh'}): {point.name}"):
         cache = tmp_path / "c"
@@ -811,13 +814,13 @@ def test_heads_killed_anywhere_rerun_gives_the_same_heads(point, over_saved, fea
 
 
 FINETUNE_KILLS = [
-    KillPoint("start-up: network built", "pipeline.finetune:_build", when="after"),
+    KillPoint("start-up: network built", "pipeline.finetune.stage:_build", when="after"),
     KillPoint("mid-epoch 1: after the 1st optimiser step", "torch.optim.sgd:SGD.step", when="after"),
     KillPoint("mid-epoch 2: after the 3rd optimiser step", "torch.optim.sgd:SGD.step", call=3, when="after"),
     KillPoint("epoch save: history.json written, not yet renamed", "os:replace", match="history.json')"),
     KillPoint("epoch save: last.pt of epoch 2 written, not yet renamed", "os:replace", call=2, match="last.pt')"),
     KillPoint("final save: model.pt written, not yet renamed", "os:replace", match="model.pt')"),
-    KillPoint("final save: evaluating the reported model", "pipeline.finetune:_finish"),
+    KillPoint("final save: evaluating the reported model", "pipeline.finetune.stage:_finish"),
     KillPoint("final save: metrics.json written, not yet renamed", "os:replace", match="metrics.json')"),
 ]
 
@@ -889,7 +892,7 @@ def _rows(path: str) -> Dict[str, tuple]:
 def test_images_deleted_rewritten_and_added_during_extraction(kill_data, features_reference, tmp_path, monkeypatch,
                                                               fast_weights):
     """Deterministic hooks (no sleeps) change the data set at chosen moments of a `features` run."""
-    from pipeline import data as data_mod
+    from pipeline.data import imagefolder as data_mod
 
     root = tmp_path / "data"
     shutil.copytree(kill_data, root)
@@ -989,7 +992,7 @@ def test_two_features_runs_on_one_cache(first_killed, kill_data, features_refere
     with faults.case("concurrent runs", name):
         cache = tmp_path / "c"
         argv = _features_argv(kill_data, cache)
-        first = faults.start(argv, faults.slow("pipeline.store:write_part", 0.4), SMALL)
+        first = faults.start(argv, faults.slow("pipeline.features.store:write_part", 0.4), SMALL)
         _wait_for(str(cache / "features" / "*.parts" / "*.npz"), 2, first)
         second = faults.start(argv, preprocess=SMALL)
         if first_killed:

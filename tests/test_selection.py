@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import finetune, heads
+from pipeline.finetune import stage as finetune
+from pipeline.heads import stage as heads
 from pipeline.config import FinetuneConfig, HeadsConfig
 from tests.test_heads import write_feature_cache
 

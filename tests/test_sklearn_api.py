@@ -16,9 +16,9 @@ from sklearn.utils import estimator_checks
 import pipeline
 import torch
 
-from pipeline import extraction, features, store
+from pipeline.features import extraction, stage as features, store
 from pipeline.config import FeaturesConfig
-from pipeline.sklearn_api import ResNet18Features
+from pipeline.heads.sklearn_api import ResNet18Features
 
 from .conftest import make_dataset
 

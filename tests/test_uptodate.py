@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import cli, features, uptodate
+from pipeline import cli
+from pipeline.features import stage as features, uptodate
 
 from .conftest import SMALL_PREPROCESS, make_dataset, make_image
 

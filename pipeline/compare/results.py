@@ -1,0 +1,381 @@
+"""Compare, part 1: load head and run records, check they are comparable, group them into rows.
+
+Reads ``<cache>/heads/*.json`` (:class:`~pipeline.records.HeadRecord`) and
+``<cache>/runs/*/metrics.json`` (:class:`~pipeline.records.RunRecord`) into :class:`Result`s,
+keeps those measured on the same data root, class list and val images as a reference, and
+groups them into table :class:`Row`s (several seeds of one run setting form one row).
+Unreadable or incomplete files are skipped with a warning, never half-used.
+
+Compute time: a head's total is the *full* feature extraction of the cache it was fitted on
+plus its own fit time (the extraction is shared by every head on that cache, but each head
+needs all of it, so each is charged in full: the fair cost of choosing that head alone). A
+run's total is its ``total_seconds``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import UserError
+from ..paths import RUN_HISTORY, RUN_METRICS, heads_dir, runs_dir
+from ..records import HeadRecord, RecordError, RunRecord, read_json
+
+__all__ = ["NOT_PRETRAINED", "Result", "Row", "weights_label", "load_results", "choose_reference",
+           "split_comparable", "make_rows", "correct_matrix", "mean_std"]
+
+NOT_PRETRAINED = "not pretrained"
+
+
+class _Skip(Exception):
+    """A result file that cannot be used (reason in the message)."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Result:
+    """One head sidecar or one run's ``metrics.json``, normalised to what the report needs.
+
+    Times are seconds except ``predict_ms`` (milliseconds per image, end to end: for a head,
+    the backbone's extraction time per image plus the head's own prediction time).
+    """
+
+    kind: str  # "head" | "run"
+    name: str  # head file stem, or run folder name
+    method: str  # what the row shows: head name, or run mode (+ its selection rule)
+    source: str  # the JSON file it came from
+    metrics: dict
+    classes: List[str]
+    data_root: str
+    weights_id: str
+    weights_sha256: str
+    pretrained: bool
+    total_seconds: float
+    train_seconds: float
+    predict_ms: float
+    trainable_parameters: Optional[int]
+    device: str
+    seed: Optional[int] = None
+    epochs: Optional[int] = None
+    head: str = ""  # heads: the registry name (logistic, ridge, ...)
+    extract_seconds: float = 0.0  # heads: the whole extraction of their feature cache
+    features_path: str = ""  # heads: the feature cache they were fitted on
+    features_key: str = ""  # heads: content key of that cache
+    used_views: bool = False  # heads: also trained on cached augmented views
+    selection: str = ""  # runs: "final" or "holdout:F" (never val)
+    train_per_class: int = 0  # runs: K of --train-per-class (0: every train image)
+    best_val_epoch: Optional[int] = None  # runs: the tutorial's epoch, chosen on val (optimistic)
+    best_val_acc: Optional[float] = None
+    history: Optional[dict] = None  # runs: history.json
+    issue: str = ""  # why it is not comparable with the reference ("" when it is)
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.metrics["accuracy"])
+
+    @property
+    def ci95(self) -> Tuple[float, float]:
+        lo, hi = self.metrics["accuracy_ci95"]
+        return float(lo), float(hi)
+
+    @property
+    def balanced_accuracy(self) -> float:
+        return float(self.metrics["balanced_accuracy"])
+
+    @property
+    def n(self) -> int:
+        return int(self.metrics["n"])
+
+    @property
+    def paths(self) -> Optional[List[str]]:
+        return self.metrics["predictions"].get("paths")
+
+    @property
+    def weights_label(self) -> str:
+        return weights_label(self.weights_id, self.pretrained)
+
+    def correct_by_path(self) -> Dict[str, bool]:
+        p = self.metrics["predictions"]
+        return {path: t == y for path, t, y in zip(p["paths"], p["y_true"], p["y_pred"])}
+
+
+def weights_label(weights_id: str, pretrained: bool) -> str:
+    """``imagenet`` or ``random-seed0 (not pretrained)``: the label used everywhere."""
+    return weights_id if pretrained else f"{weights_id} ({NOT_PRETRAINED})"
+
+
+def _load_head(path: str, doc: dict) -> Result:
+    rec = HeadRecord.from_json(doc)
+    feats = rec.features
+    if rec.metrics["n"] == 0:
+        raise _Skip("no val images were evaluated (n=0)")
+    backbone_ms = 1000.0 * feats.extract_seconds / feats.n_images if feats.n_images > 0 else 0.0
+    return Result(
+        kind="head", name=rec.name, method=rec.name, source=path,
+        metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
+        weights_id=feats.weights.id, weights_sha256=feats.weights.sha256, pretrained=feats.weights.pretrained,
+        total_seconds=feats.extract_seconds + rec.fit_seconds, train_seconds=rec.fit_seconds,
+        predict_ms=backbone_ms + rec.predict_us_per_image / 1000.0,
+        trainable_parameters=rec.trainable_parameters,
+        device=feats.extract_device, head=str(rec.settings.get("head", rec.name)),
+        extract_seconds=feats.extract_seconds, features_path=feats.path, features_key=feats.content_key,
+        used_views=rec.used_views,
+    )
+
+
+def _load_run(path: str, doc: dict) -> Result:
+    if doc.get("complete") is not True:
+        raise _Skip("run is not complete (interrupted?); rerun `python -m pipeline finetune` to finish it")
+    rec = RunRecord.from_json(doc)
+    if rec.metrics["n"] == 0:
+        raise _Skip("no val images were evaluated (n=0)")
+    rule = rec.selection.get("rule", "final")
+    selection = "final" if rule == "final" else f"holdout:{rec.selection.get('fraction', 0):g}"
+    result = Result(
+        kind="run", name=rec.name, method=rec.mode + ("" if rule == "final" else f" ({selection})"),
+        source=path, metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
+        weights_id=rec.weights.id, weights_sha256=rec.weights.sha256, pretrained=rec.weights.pretrained,
+        total_seconds=rec.total_seconds, train_seconds=rec.total_seconds,
+        predict_ms=rec.predict_ms_per_image, trainable_parameters=rec.trainable_parameters,
+        device=rec.device, seed=rec.seed, epochs=rec.epochs, selection=selection,
+        train_per_class=rec.train_per_class, best_val_epoch=rec.best_val_epoch, best_val_acc=rec.best_val_acc,
+    )
+    result.history = _load_history(os.path.join(os.path.dirname(path), RUN_HISTORY))
+    return result
+
+
+def _load_history(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            history = json.load(fh)
+        if not isinstance(history.get("epochs"), list):
+            raise ValueError("no 'epochs' list")
+        return history
+    except (OSError, ValueError, AttributeError) as exc:
+        warnings.warn(f"ignoring learning curve {path!r}: {exc}; rerun `python -m pipeline finetune --rebuild`")
+        return None
+
+
+def load_results(cache: str) -> Tuple[List[Result], List[dict]]:
+    """Every usable head and run result under ``cache``, and the files skipped (with why).
+
+    Unparseable or incomplete files are skipped with a warning, never half-used.
+    """
+    files = sorted(glob.glob(os.path.join(heads_dir(cache), "*.json")))
+    files += sorted(glob.glob(os.path.join(runs_dir(cache), "*", RUN_METRICS)))
+    results, skipped = [], []
+    for path in files:
+        try:
+            doc = read_json(path)
+            if not isinstance(doc, dict):
+                raise _Skip("not a JSON object")
+            kind = doc.get("kind")
+            if kind == "head":
+                results.append(_load_head(path, doc))
+            elif kind == "run":
+                results.append(_load_run(path, doc))
+            else:
+                raise _Skip(f"kind {kind!r}; expected 'head' or 'run'")
+        except (_Skip, OSError, ValueError, TypeError, KeyError) as exc:
+            reason = str(exc) if isinstance(exc, (_Skip, RecordError)) else (
+                f"unreadable ({type(exc).__name__}: {exc}); delete it or rerun the stage that wrote it "
+                "(make heads / make finetune)")
+            warnings.warn(f"ignoring {path}: {reason}")
+            skipped.append({"path": path, "reason": reason})
+    return results, skipped
+
+
+# --------------------------------------------------------------------------- comparability
+
+
+def _norm_root(root: str) -> str:
+    return os.path.normcase(os.path.realpath(root)) if root else ""
+
+
+def same_root(a: str, b: str) -> bool:
+    return _norm_root(a) == _norm_root(b)
+
+
+def _val_signature(r: Result) -> tuple:
+    paths = r.paths
+    return (_norm_root(r.data_root), tuple(r.classes), tuple(sorted(paths)) if paths is not None else None)
+
+
+def choose_reference(results: List[Result], data: str) -> Result:
+    """The result whose (data root, classes, val images) the others are compared against.
+
+    With ``data`` given, only results from that root qualify; otherwise the signature most
+    results share wins (ties: the one with more heads, then by file name).
+    """
+    candidates = [r for r in results if r.paths is not None]
+    if data:
+        candidates = [r for r in candidates if same_root(r.data_root, data)]
+        if not candidates:
+            roots = sorted({r.data_root for r in results})
+            raise UserError(
+                f"no head or run result was measured on data root {os.path.abspath(data)!r} "
+                f"(results found for: {roots}); run `make compare DATA_DIR={data}` to produce them, "
+                "or leave out --data to compare the results that exist"
+            )
+    if not candidates:
+        raise UserError("no result stores per-image val paths (metrics.predictions.paths), so none can be "
+                        "checked or paired; rerun `make heads` and `make finetune` with this version")
+    counts = Counter(_val_signature(r) for r in candidates)
+    heads = Counter(_val_signature(r) for r in candidates if r.kind == "head")
+    best_sig = max(counts, key=lambda s: (counts[s], heads[s], -min(
+        i for i, r in enumerate(candidates) if _val_signature(r) == s)))
+    return next(r for r in candidates if _val_signature(r) == best_sig)
+
+
+def _issue(r: Result, ref: Result) -> str:
+    """Why ``r`` cannot be compared with ``ref`` ("" when it can)."""
+    if not same_root(r.data_root, ref.data_root):
+        return f"different data root {r.data_root!r} (reference: {ref.data_root!r})"
+    if list(r.classes) != list(ref.classes):
+        return f"different class list {r.classes} (reference: {ref.classes})"
+    if r.paths is None:
+        return "no per-image val paths stored, so its val set cannot be checked or paired"
+    if sorted(r.paths) != sorted(ref.paths):
+        mine, theirs = set(r.paths), set(ref.paths)
+        return (f"different val images ({len(mine)} vs {len(theirs)}; {len(mine - theirs)} not in the "
+                f"reference, {len(theirs - mine)} missing)")
+    truth = dict(zip(ref.paths, ref.metrics["predictions"]["y_true"]))
+    wrong = sum(truth[p] != t for p, t in zip(r.paths, r.metrics["predictions"]["y_true"]))
+    if wrong:
+        return f"{wrong} val image(s) carry a different true label than in the reference"
+    return ""
+
+
+def split_comparable(results: List[Result], ref: Result) -> Tuple[List[Result], List[Result]]:
+    """``(comparable, excluded)``; each excluded result's ``issue`` says why (also warned)."""
+    comparable, excluded = [], []
+    for r in results:
+        r.issue = _issue(r, ref)
+        (excluded if r.issue else comparable).append(r)
+    for r in excluded:
+        warnings.warn(f"not comparing {r.source}: {r.issue}")
+    return comparable, excluded
+
+
+def correct_matrix(results: Sequence[Result], paths: Sequence[str]) -> np.ndarray:
+    """``(n_results, n_images)`` bool: each result right or wrong on each image of ``paths``
+    (the pairing of McNemar's test; every result must hold every path)."""
+    out = np.zeros((len(results), len(paths)), dtype=bool)
+    for i, r in enumerate(results):
+        ok = r.correct_by_path()
+        out[i] = [ok[p] for p in paths]
+    return out
+
+
+def mean_std(values: Sequence[float]) -> Tuple[float, Optional[float]]:
+    """Mean and sample std (ddof=1); std is None for a single value."""
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if arr.size > 1 else None)
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    """One table row: a head, or one end-to-end setting (several seeds aggregated).
+
+    ``representative`` is the result the paired tests, the confusion matrix and the
+    prediction grid use: for several seeds, the lowest seed (fixed in advance, never chosen
+    by its val accuracy).
+    """
+
+    label: str
+    kind: str
+    method: str
+    weights_id: str
+    pretrained: bool
+    results: List[Result]
+    representative: Result
+    accuracy: float
+    accuracy_std: Optional[float]
+    balanced_accuracy: float
+    balanced_accuracy_std: Optional[float]
+    total_seconds: float
+    train_seconds: float
+    predict_ms: float
+    trainable_parameters: Optional[int]
+    device: str
+    top: bool = False  # no other row beats it significantly (Holm-adjusted McNemar)
+    recommended: bool = False  # the cheapest member of the top group
+    beaten_by: List[str] = field(default_factory=list)  # labels of the rows that beat it
+
+    @property
+    def ci95(self) -> Optional[Tuple[float, float]]:
+        return self.results[0].ci95 if len(self.results) == 1 else None
+
+    @property
+    def seeds(self) -> int:
+        return len(self.results)
+
+    @property
+    def weights_label(self) -> str:
+        return weights_label(self.weights_id, self.pretrained)
+
+    @property
+    def best_val(self) -> Optional[Tuple[float, List[int]]]:
+        """Runs: (mean best-val accuracy over seeds, each seed's best-val epoch); chosen on val."""
+        accs = [r.best_val_acc for r in self.results if r.best_val_acc is not None]
+        if self.kind != "run" or not accs:
+            return None
+        return float(np.mean(accs)), [r.best_val_epoch for r in self.results]
+
+
+def make_rows(results: List[Result]) -> List[Row]:
+    """One row per head and per end-to-end setting (mode, weights, epochs, selection rule)."""
+    groups: Dict[tuple, List[Result]] = {}
+    for r in results:
+        key = ((r.kind, r.method, r.weights_id, r.epochs, r.selection, r.train_per_class) if r.kind == "run"
+               else ("head", r.source))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for members in groups.values():
+        members.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.name))
+        first = members[0]
+        acc, acc_std = mean_std([r.accuracy for r in members])
+        bal, bal_std = mean_std([r.balanced_accuracy for r in members])
+        params = {r.trainable_parameters for r in members}
+        rows.append(Row(
+            label=first.method, kind=first.kind, method=first.method, weights_id=first.weights_id,
+            pretrained=first.pretrained, results=members, representative=first,
+            accuracy=acc, accuracy_std=acc_std, balanced_accuracy=bal, balanced_accuracy_std=bal_std,
+            total_seconds=mean_std([r.total_seconds for r in members])[0],
+            train_seconds=mean_std([r.train_seconds for r in members])[0],
+            predict_ms=mean_std([r.predict_ms for r in members])[0],
+            trainable_parameters=params.pop() if len(params) == 1 else None,
+            device=", ".join(sorted({r.device for r in members if r.device})),
+        ))
+    _disambiguate(rows)
+    return rows
+
+
+def _disambiguate(rows: List[Row]) -> None:
+    """Make labels unique: add the weights, then augmented views / epochs, then the file name."""
+    def clashes():
+        counts = Counter(r.label for r in rows)
+        return [r for r in rows if counts[r.label] > 1]
+
+    for r in clashes():
+        r.label = f"{r.method} [{r.weights_label}]"
+    for r in clashes():
+        if r.kind == "run" and r.results[0].epochs is not None:
+            r.label += f" {r.results[0].epochs} ep"
+        elif r.kind == "head" and r.results[0].used_views:
+            r.label += " +views"
+    for r in clashes():
+        r.label += f" ({os.path.basename(r.results[0].source)})"

@@ -1,0 +1,268 @@
+"""The extraction engine: image files -> frozen ResNet18 features, one loop for every caller.
+
+The features stage, :class:`~pipeline.heads.sklearn_api.ResNet18Features` and ``predict`` (through
+the transformer) all extract with :class:`Extractor`. This module is also the one place for:
+
+- **batch size and loader processes** by default (``finetune`` reads them here too), sized by
+  the cores this process may run on (``os.sched_getaffinity``: a SLURM or ``taskset``
+  allocation), not by every core of the machine;
+- **the weights, resolved and checked (sha256) once per process** (:func:`load_weights`);
+- **the forward pass**: at most ``batch_size`` images per forward, augmented views included;
+  pinned loader batches go to the device without an intermediate host copy; ``fp32`` on a
+  GPU means IEEE fp32 (TF32 off, so GPU and CPU fp32 rows agree to rounding); bf16/fp16
+  through autocast (see :func:`exact_fp32`); a CUDA out-of-memory error becomes one line naming ``--batch-size``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .. import backbones, data
+from ..config import FEATURE_DIM
+from ..errors import UserError
+
+__all__ = [
+    "BATCH_SIZE",
+    "SMALL_JOB",
+    "allowed_cores",
+    "default_batch_size",
+    "default_workers",
+    "sync",
+    "exact_fp32",
+    "numerics",
+    "out_of_memory_hint",
+    "weights_identity",
+    "load_weights",
+    "forget_weights",
+    "Batch",
+    "Extractor",
+]
+
+BATCH_SIZE = {"cpu": 32, "cuda": 256}  # images per forward pass by default, per device type
+SMALL_JOB = 64  # fewer images than this: no loader processes (starting them costs more)
+_WEIGHTS_KEPT = 2  # resolved weights kept per process (a ResNet18 state_dict is 45 MB)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def allowed_cores() -> int:
+    """Cores this process may run on (its CPU affinity), falling back to the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per forward pass: 32 on CPU, 256 on a GPU."""
+    return BATCH_SIZE["cuda" if device.type == "cuda" else "cpu"]
+
+
+def default_workers(device: torch.device, processes: int = 1, images: Optional[int] = None) -> int:
+    """Loader processes: feed a GPU generously, leave a CPU's cores to the forward pass.
+
+    ``processes``: extraction processes sharing this machine (torchrun ranks per node), which
+    share the allowed cores. ``images``: the job's size; a small job gets no loader processes.
+    """
+    if images is not None and images < SMALL_JOB:
+        return 0
+    cores = max(1, allowed_cores() // max(1, processes))
+    if device.type == "cuda":
+        return max(1, min(cores - 1, 12))
+    return max(1, min(cores // 2, 4))
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA is asynchronous): call it before reading a timer."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def exact_fp32(device: torch.device, precision: str) -> Iterator[None]:
+    """For ``fp32`` on CUDA: TF32 off for convolutions and matrix products while the block runs.
+
+    torch allows TF32 convolutions on Ampere and later GPUs by default
+    (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), so "fp32" would silently be
+    TF32 (10-bit mantissa) and GPU fp32 features would differ from CPU fp32 ones beyond
+    rounding, under the same cache key. The previous settings come back after the block.
+    A no-op on CPU and for the other precisions.
+    """
+    if precision != "fp32" or device.type != "cuda":
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    before = conv.fp32_precision, matmul.fp32_precision
+    conv.fp32_precision = matmul.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision, matmul.fp32_precision = before
+
+
+@contextlib.contextmanager
+def numerics(device: torch.device, precision: str) -> Iterator[None]:
+    """The arithmetic ``precision`` names on ``device``: autocast for bf16/fp16, :func:`exact_fp32` for fp32."""
+    if precision == "fp32":
+        with exact_fp32(device, precision):
+            yield
+    else:
+        with backbones.autocast(device, precision):
+            yield
+
+
+@contextlib.contextmanager
+def out_of_memory_hint(device: torch.device, batch_size: int, option: str = "--batch-size") -> Iterator[None]:
+    """A device out-of-memory error inside the block becomes one user error naming ``option``."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        lower = max(1, batch_size // 2)
+        raise UserError(f"out of memory on {device} with {option} {batch_size}; lower it (e.g. {option} "
+                        f"{lower}) or free the device") from None
+
+
+# --------------------------------------------------------------------------- weights
+
+
+_WEIGHTS: "OrderedDict[tuple, backbones.Weights]" = OrderedDict()
+_WEIGHTS_LOCK = threading.Lock()
+
+
+def weights_identity(spec: str, seed: int = 0) -> tuple:
+    """What names a weights source without reading it: spec and seed, or a file's path and stat."""
+    if spec == "random":
+        return ("random", int(seed))
+    if spec == "imagenet":
+        return ("imagenet",)
+    try:
+        st = os.stat(spec)
+    except OSError:
+        return ("file", os.path.abspath(spec))
+    return ("file", os.path.abspath(spec), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def load_weights(spec: str, seed: int = 0) -> backbones.Weights:
+    """``backbones.resolve_weights``, checked (hashed) once per process for each source.
+
+    A file is read again when its size, mtime or inode changed. Raises ``UserError`` as
+    ``resolve_weights`` does.
+    """
+    key = weights_identity(spec, seed)
+    with _WEIGHTS_LOCK:
+        if key in _WEIGHTS:
+            _WEIGHTS.move_to_end(key)
+            return _WEIGHTS[key]
+    weights = backbones.resolve_weights(spec, seed)
+    with _WEIGHTS_LOCK:
+        _WEIGHTS[key] = weights
+        while len(_WEIGHTS) > _WEIGHTS_KEPT:
+            _WEIGHTS.popitem(last=False)
+    return weights
+
+
+def forget_weights() -> None:
+    """Drop the weights :func:`load_weights` kept (frees memory; the next call reads and checks again)."""
+    with _WEIGHTS_LOCK:
+        _WEIGHTS.clear()
+
+
+# --------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class Batch:
+    """One loader batch's results, in the order of ``index`` (positions in the paths given).
+
+    ``features`` (n, 512) float32 and ``views`` (n, K, 512) or None; rows whose ``error`` is
+    not empty could not be decoded and hold zeros.
+    """
+
+    index: List[int]
+    sha1: List[str]
+    error: List[str]
+    features: np.ndarray
+    views: Optional[np.ndarray]
+
+
+def _runs(flags: Sequence[bool]) -> Iterator[Tuple[int, int]]:
+    """``(start, stop)`` of each run of consecutive True values."""
+    start = None
+    for i, flag in enumerate(list(flags) + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            yield start, i
+            start = None
+
+
+class Extractor:
+    """The frozen backbone on ``device``, forwarding image files in batches.
+
+    ``batch_size`` (0: :func:`default_batch_size`) bounds the images in any one forward pass,
+    augmented views included; ``workers`` (-1: :func:`default_workers`) loader processes;
+    ``processes``: extraction processes sharing this machine (for the worker default).
+    """
+
+    def __init__(self, weights: backbones.Weights, device: torch.device, precision: str, batch_size: int = 0,
+                 workers: int = -1, channels_last: bool = True, processes: int = 1):
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size or default_batch_size(device)
+        self.workers = workers
+        self.channels_last = channels_last
+        self.processes = processes
+        self.model = backbones.feature_extractor(weights, device, channels_last)
+
+    def loader(self, root: str, relpaths: Sequence[str], views: int = 0, seed: int = 0,
+               draft: bool = True) -> torch.utils.data.DataLoader:
+        """Batches of ``data.ExtractionDataset`` samples holding at most ``batch_size`` images (views included)."""
+        workers = default_workers(self.device, self.processes, len(relpaths)) if self.workers < 0 else self.workers
+        return torch.utils.data.DataLoader(
+            data.ExtractionDataset(root, relpaths, views=views, seed=seed, draft=draft),
+            batch_size=max(1, self.batch_size // (1 + views)),
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+
+    def batches(self, root: str, relpaths: Sequence[str], views: int = 0, seed: int = 0,
+                draft: bool = True) -> Iterator[Batch]:
+        """Features (and ``views`` augmented views) of every image, one :class:`Batch` per loader batch."""
+        with torch.inference_mode():
+            for batch in self.loader(root, relpaths, views, seed, draft):
+                yield self._batch(batch, views)
+
+    def _batch(self, batch: dict, views: int) -> Batch:
+        errors = list(batch["error"])
+        n = len(errors)
+        feats = np.zeros((n, FEATURE_DIM), np.float32)
+        view_feats = np.zeros((n, views, FEATURE_DIM), np.float32) if views else None
+        # Consecutive decodable rows are slices of the (pinned) batch: views, not copies.
+        for start, stop in _runs([not e for e in errors]):
+            feats[start:stop] = self.forward(batch["image"][start:stop])
+            if views:
+                flat = batch["views"][start:stop].flatten(0, 1)
+                view_feats[start:stop] = self.forward(flat).reshape(stop - start, views, FEATURE_DIM)
+        return Batch(batch["index"].tolist(), list(batch["sha1"]), errors, feats, view_feats)
+
+    def forward(self, images: torch.Tensor) -> np.ndarray:
+        """Features of ``images`` (n, 3, H, W) as float32 (n, 512), at most ``batch_size`` per pass."""
+        out = []
+        with out_of_memory_hint(self.device, self.batch_size), torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                x = images[start:start + self.batch_size].to(self.device, non_blocking=True)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with numerics(self.device, self.precision):
+                    out.append(self.model(x).float())
+            result = torch.cat(out) if out else torch.zeros(0, FEATURE_DIM)
+            return result.cpu().numpy()
