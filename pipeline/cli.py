@@ -72,6 +72,9 @@ def _common(p: argparse.ArgumentParser, defaults, *, device: bool = True, weight
                    help="image folder with train/<class>/ and val/<class>/ (default: %(default)s)")
     p.add_argument("--cache", default=defaults.cache, metavar="DIR", help="cache folder (default: %(default)s)")
     if weights:
+        p.add_argument("--backbone", default=defaults.backbone,
+                       help="resnet18 | efficientnet_lite0 (ImageNet weights installed from the package index) | "
+                            "torchvision:NAME | timm:NAME (default: %(default)s)")
         p.add_argument("--weights", default=defaults.weights,
                        help="imagenet | random | PATH of a state_dict (default: %(default)s)")
         p.add_argument("--seed", type=seed, default=defaults.seed,
@@ -248,6 +251,9 @@ def _add_compare(sub) -> None:
     p.add_argument("--no-curve", dest="curve", action="store_false",
                    help="skip the heads' data-size curve (val accuracy vs labelled images per class)")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="write the report without figures")
+    p.add_argument("--backbone", dest="backbones", type=lambda v: tuple(x for x in v.split(",") if x), default=(),
+                   metavar="NAME[,NAME…]", help="compare only results of these backbones (default: every backbone "
+                                                 "found, side by side)")
     p.set_defaults(handler=_run_compare)
 
 
@@ -279,6 +285,9 @@ def _add_predict(sub) -> None:
     which.add_argument("--model", metavar="FILE.onnx",
                        help="a file written by `export`, run with ONNX Runtime (no torch needed)")
     p.add_argument("--cache", default=d.cache, metavar="DIR", help="cache folder holding heads/")
+    p.add_argument("--backbone", default=d.backbone,
+                   help="the backbone whose head --head names (resnet18, efficientnet_lite0, torchvision:NAME, "
+                        "timm:NAME); default: resnet18's head, else the only backbone with that head")
     p.add_argument("--weights", default=d.weights,
                    help="backbone weights (imagenet | random | PATH); default: those the head was fitted on")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
@@ -313,6 +322,8 @@ def _add_export(sub) -> None:
     p.add_argument("--reports", default=d.reports, metavar="DIR", help="where `compare` wrote its report")
     p.add_argument("--cache", default=d.cache, metavar="DIR", help="cache folder holding heads/ and runs/")
     p.add_argument("--out", default=d.out, metavar="PATH", help="the .onnx file or a folder; default: <cache>/export/")
+    p.add_argument("--backbone", default=d.backbone,
+                   help="the backbone whose head or run --head/--run names; default: resnet18's, else the only one")
     p.add_argument("--weights", default=d.weights,
                    help="a head's backbone weights (imagenet | random | PATH); default: those it was fitted on")
     p.add_argument("--sample", type=integer, default=d.sample, help="val images the written file is checked on")

@@ -54,7 +54,7 @@ PREPROCESS = {
 DEFAULT_DATA_DIR = os.path.join("data", "hymenoptera_data")
 DEFAULT_DATA_URL = "https://download.pytorch.org/tutorial/hymenoptera_data.zip"
 DEFAULT_CACHE_DIR = "cache"
-FEATURE_DIM = 512
+DEFAULT_BACKBONE = "resnet18"  # the reference protocol's network (pipeline.backbones.registry)
 SPLITS = ("train", "val")
 # Upper bounds of options that size a resource: beyond them a run only exhausts the machine.
 MAX_PARALLEL = 256  # loader processes (--workers), threads (--threads, --jobs)
@@ -152,6 +152,7 @@ class FeaturesConfig:
 
     data: str = DEFAULT_DATA_DIR
     cache: str = DEFAULT_CACHE_DIR
+    backbone: str = DEFAULT_BACKBONE  # resnet18 | efficientnet_lite0 | torchvision:NAME | timm:NAME
     weights: str = "imagenet"
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -184,6 +185,7 @@ class HeadsConfig:
 
     data: str = DEFAULT_DATA_DIR
     cache: str = DEFAULT_CACHE_DIR
+    backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     precision: str = "auto"
     device: str = "auto"
@@ -222,6 +224,7 @@ class FinetuneConfig:
 
     data: str = DEFAULT_DATA_DIR
     cache: str = DEFAULT_CACHE_DIR
+    backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     device: str = "auto"
     precision: str = "auto"
@@ -294,6 +297,7 @@ class CompareConfig:
     alpha: float = 0.05  # family-wise level of the all-pairs McNemar tests (Holm-corrected)
     curve: bool = True  # the heads' data-size curve (seconds on the tutorial's data)
     figures: bool = True
+    backbones: tuple = ()  # only results of these backbones; (): every backbone found
 
     def __post_init__(self):
         if not 0 < self.alpha < 1:
@@ -312,6 +316,7 @@ class PredictConfig:
     batch_size: int = 0
     format: str = "table"  # table | csv | json
     weights: str = ""  # backbone weights; default: those the head's features were made with
+    backbone: str = ""  # which backbone's head --head names; default: resnet18's, else the only one
     model: str = ""  # an exported .onnx file instead of --head (ONNX Runtime, no torch)
 
     def __post_init__(self):
@@ -330,6 +335,7 @@ class ExportConfig:
     cache: str = DEFAULT_CACHE_DIR
     out: str = ""  # the .onnx file (or a folder for it); default: <cache>/export/
     weights: str = ""  # a head's backbone weights; default: those its features were made with
+    backbone: str = ""  # which backbone's head or run --head/--run names; default: resnet18's
     sample: int = 64  # val images the written file is checked on (at most)
     tolerance: float = 1e-4  # largest accepted difference of probabilities from the source
 

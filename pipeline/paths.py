@@ -8,8 +8,10 @@
     <cache>/features/uptodate.json              the stamp of the last extraction (uptodate.py)
     <cache>/features/index.json                 which cache file holds which settings (features
                                                 writes it, heads reads it)
-    <cache>/features/onnx/resnet18-<sha16>-<crop>.onnx  the extractor for --engine onnxruntime
+    <cache>/features/onnx/<backbone>-<sha16>-<crop>.onnx  the extractor for --engine onnxruntime
     <cache>/heads/<name>.joblib | .skops        a fitted head, and <name>.json its sidecar
+                                                (<name>: <head>, or <backbone>-<head> for a
+                                                backbone other than resnet18)
     <cache>/runs/<run name>/                    an end-to-end run: model.pt, last.pt,
                                                 history.json, metrics.json (finetune.py)
     <cache>/export/<kind>-<name>.onnx           an exported classifier (+ .json sidecar)
@@ -23,6 +25,8 @@ from __future__ import annotations
 import os
 from typing import Dict
 
+from .config import DEFAULT_BACKBONE
+
 __all__ = [
     "features_dir",
     "cache_file",
@@ -32,6 +36,8 @@ __all__ = [
     "shard_file",
     "stamp_file",
     "onnx_backbone_file",
+    "backbone_slug",
+    "for_backbone",
     "heads_dir",
     "head_sidecar",
     "runs_dir",
@@ -80,9 +86,20 @@ def stamp_file(cache: str) -> str:
     return os.path.join(features_dir(cache), "uptodate.json")
 
 
-def onnx_backbone_file(cache: str, weights_sha256: str, crop: int) -> str:
-    """The extractor exported to ONNX for ``--engine onnxruntime``, once per weights and crop."""
-    return os.path.join(features_dir(cache), "onnx", f"resnet18-{weights_sha256[:16]}-{crop}.onnx")
+def onnx_backbone_file(cache: str, backbone_slug: str, weights_sha256: str, crop: int) -> str:
+    """The extractor exported to ONNX for ``--engine onnxruntime``, once per backbone, weights and crop."""
+    return os.path.join(features_dir(cache), "onnx", f"{backbone_slug}-{weights_sha256[:16]}-{crop}.onnx")
+
+
+def backbone_slug(backbone: str) -> str:
+    """File-name safe form of a ``--backbone`` value (``timm:resnet10t`` -> ``timm-resnet10t``)."""
+    return backbone.replace(":", "-").replace("/", "-")
+
+
+def for_backbone(backbone: str, stem: str) -> str:
+    """``stem`` for the default backbone (names as before backbones had a registry), else
+    ``<backbone>-<stem>``: heads and runs of several backbones share one folder."""
+    return stem if not backbone or backbone == DEFAULT_BACKBONE else f"{backbone_slug(backbone)}-{stem}"
 
 
 def heads_dir(cache: str) -> str:

@@ -42,8 +42,12 @@ __all__ = [
 
 #: Version of every record schema in this module. 1: the untyped dicts written before it.
 #: 3: a run's metrics are those of its final epoch (or one chosen on held-out train images),
-#: no longer of the epoch with the best val accuracy.
-SCHEMA_VERSION = 3
+#: no longer of the epoch with the best val accuracy. 4: backbones beyond ResNet18 (a run's
+#: ``backbone``; heads already named theirs in ``features.backbone``).
+SCHEMA_VERSION = 4
+#: The oldest version still read as is: 4 only added fields whose defaults describe version-3
+#: records exactly (every version-3 run was ResNet18's).
+OLDEST_READABLE = 3
 
 WEIGHT_KINDS = ("imagenet", "random", "file")
 METRIC_KEYS = ("n", "correct", "accuracy", "accuracy_ci95", "balanced_accuracy", "confusion_matrix", "predictions")
@@ -136,9 +140,9 @@ def _versioned(doc: Dict[str, Any], schema: str, fix: str) -> None:
     if doc.get("schema", schema) != schema:
         raise RecordError(f"schema {doc.get('schema')!r}, expected {schema!r}")
     version = doc.get("schema_version", 1)
-    if version != SCHEMA_VERSION:
+    if not (isinstance(version, int) and OLDEST_READABLE <= version <= SCHEMA_VERSION):
         raise SchemaError(f"written with record schema version {version}, this version of pipeline reads "
-                          f"version {SCHEMA_VERSION}; {fix}")
+                          f"versions {OLDEST_READABLE} to {SCHEMA_VERSION}; {fix}")
 
 
 def read_json(path: str) -> Any:
@@ -363,6 +367,7 @@ class RunRecord(_Record):
     train_per_class: int = 0
     train_images: int = 0
     train_subset: Optional[List[str]] = None
+    backbone: str = "resnet18"  # the --backbone value (canonical); runs of older schemas were all ResNet18
     best_val_note: str = "best epoch on val: chosen on val, optimistic"
     complete: bool = True
     checkpoint: str = "model.pt"  # the file in the run folder holding the model ``metrics`` describe

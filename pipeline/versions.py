@@ -13,7 +13,7 @@ __all__ = ["__version__", "TORCH_STACK", "library_versions"]
 __version__ = "0.1.0"
 
 # The libraries behind a feature cache or a trained network, in the order records list them.
-TORCH_STACK = ("torch", "torchvision", "numpy", "h5py", "sklearn")
+TORCH_STACK = ("torch", "torchvision", "timm", "numpy", "h5py", "sklearn")
 
 
 def library_versions(*names: str) -> Dict[str, str]:

@@ -592,3 +592,15 @@ def test_a_kill_at_any_write_step_leaves_the_previous_report_whole(tmp_path, res
     assert proc.returncode == 0
     hidden = [p.name for p in (tmp_path / "reports").iterdir() if p.name.startswith(".compare-")]
     assert hidden == [os.readlink(target)]  # the leftovers of the killed runs are gone
+
+
+def test_when_the_most_accurate_is_the_cheapest_the_val_size_names_the_next_cheapest(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _items(77)
+    write_head(cache, "ridge", items, range(4), data_root=str(tiny_data))
+    write_run(cache, "finetune", 0, items, range(10), data_root=str(tiny_data))
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    line, size = report.answer(res.decision)
+    assert line.startswith("Answer: **ridge**") and "and also the cheapest" in line
+    assert size.startswith("Val size: certifying finetune within 3 points of ridge")
+    assert f"needs about {metrics.noninferior_sample_size(6 / 154, 0.03)} val images" in size

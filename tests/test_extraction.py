@@ -13,8 +13,13 @@ from pipeline import distributed
 from pipeline.features import extraction, stage as features
 from pipeline.finetune import stage as finetune
 from pipeline.heads import stage as heads
-from pipeline.config import FEATURE_DIM, FeaturesConfig, FinetuneConfig, HeadsConfig
+from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig
 from pipeline.errors import UserError
+from pipeline.records import WeightsRef
+
+RESNET18_DIM = 512  # ResNet18's pooled pre-logits
+# The engine reads only the backbone from its weights when the network is a stand-in.
+STAND_IN_WEIGHTS = backbones.Weights(WeightsRef("random", "0" * 64, seed=0), {}, "random")
 
 from .conftest import make_dataset
 
@@ -33,7 +38,7 @@ class Recorder(torch.nn.Module):
             raise self.fail
         self.sizes.append(len(x))
         self.conv_precision.append(torch.backends.cudnn.conv.fp32_precision)
-        return x.float().mean((2, 3)).repeat(1, FEATURE_DIM // 3 + 1)[:, :FEATURE_DIM]
+        return x.float().mean((2, 3)).repeat(1, RESNET18_DIM // 3 + 1)[:, :RESNET18_DIM]
 
 
 @pytest.fixture
@@ -83,7 +88,7 @@ def test_views_never_multiply_the_forward_batch_and_no_host_copy_precedes_the_de
             yield batch
 
     monkeypatch.setattr(extraction.Extractor, "loader", loader)
-    engine = extraction.Extractor(None, CUDA, "fp32", batch_size=4, workers=0)
+    engine = extraction.Extractor(STAND_IN_WEIGHTS, CUDA, "fp32", batch_size=4, workers=0)
     out = list(engine.batches(str(root), relpaths, views=3))
     # issue 16.2: 5 images x (1 + 3 views) = 20 forwarded, never more than --batch-size at once
     assert sum(recorder.sizes) == 5 * 4 and max(recorder.sizes) <= 4
@@ -99,7 +104,7 @@ def test_views_never_multiply_the_forward_batch_and_no_host_copy_precedes_the_de
     for b in out:
         for j, e in enumerate(b.error):
             assert (np.abs(b.features[j]).sum() == 0) == bool(e)
-            assert b.views.shape[1:] == (3, FEATURE_DIM)
+            assert b.views.shape[1:] == (3, RESNET18_DIM)
 
 
 def test_out_of_memory_is_one_user_error_naming_the_batch_size(tiny_data, tmp_path, monkeypatch):

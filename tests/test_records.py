@@ -61,7 +61,8 @@ def test_another_schema_version_names_the_fix_everywhere(tmp_path, tiny_data, ca
     old = json.loads(sidecar.read_text())
     del old["schema_version"]  # what every file written before records.py looks like
     sidecar.write_text(json.dumps(old))
-    with pytest.raises(SchemaError, match=f"version 1.*version {records.SCHEMA_VERSION}.*heads --rebuild"):
+    with pytest.raises(SchemaError, match=f"version 1.*versions {records.OLDEST_READABLE} to {records.SCHEMA_VERSION}"
+                                          ".*heads --rebuild"):
         HeadRecord.from_json(old)
     with pytest.raises(heads.UserError, match=r"schema version 1.*python -m pipeline heads --rebuild"):
         heads.load_head(str(sidecar))
@@ -72,3 +73,14 @@ def test_another_schema_version_names_the_fix_everywhere(tmp_path, tiny_data, ca
     with pytest.warns(UserWarning, match="version 99.*finetune --rebuild"):
         results, skipped = compare.load_results(str(cache))
     assert not results and {s["path"] for s in skipped} == {str(sidecar), str(metrics)}
+
+
+def test_version_3_run_records_read_as_resnet18_runs(tiny_data, tmp_path):
+    """Version 4 only added fields whose defaults describe version 3 exactly: such runs still compare."""
+    items = _val_items(tiny_data)
+    metrics = write_run(tmp_path / "cache", "finetune", 0, items, data_root=str(tiny_data))
+    doc = json.loads(metrics.read_text())
+    doc["schema_version"] = 3
+    doc.pop("backbone", None)
+    rec = RunRecord.from_json(doc)
+    assert rec.backbone == "resnet18" and rec.schema_version == 3

@@ -159,7 +159,7 @@ def _fmt_best_val(row: Row) -> str:
 
 
 _HEADER = ("method", "kind", "val acc", "95% CI", "balanced acc", "total time", "training time",
-           "inference/img", "trainable params", "weights", "device", "which wins", BEST_VAL_HEADER)
+           "inference/img", "trainable params", "backbone", "weights", "device", "which wins", BEST_VAL_HEADER)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -179,7 +179,7 @@ def table(rows: Sequence[Row]) -> str:
             _fmt_acc(row.balanced_accuracy, row.balanced_accuracy_std, row.seeds).split(" (")[0],
             format_duration(row.total_seconds) + (" ¹" if row.kind == "head" else ""),
             format_duration(row.train_seconds), f"{row.predict_ms:.1f} ms", _fmt_params(row.trainable_parameters),
-            row.weights_label, row.device or "?", _fmt_group(row), _fmt_best_val(row),
+            row.backbone, row.weights_label, row.device or "?", _fmt_group(row), _fmt_best_val(row),
         ])
     return markdown_table(_HEADER, lines)
 
@@ -251,7 +251,7 @@ _PROTOCOL = [
 def _result_record(r) -> dict:
     lo, hi = r.ci95
     return {
-        "name": r.name, "kind": r.kind, "method": r.method, "seed": r.seed, "epochs": r.epochs,
+        "name": r.name, "kind": r.kind, "method": r.method, "backbone": r.backbone, "seed": r.seed, "epochs": r.epochs,
         "accuracy": r.accuracy, "accuracy_ci95_low": lo, "accuracy_ci95_high": hi,
         "balanced_accuracy": r.balanced_accuracy, "n_val": r.n, "correct": int(r.metrics["correct"]),
         "total_seconds": r.total_seconds, "train_seconds": r.train_seconds,
@@ -269,7 +269,7 @@ def _row_record(row: Row) -> dict:
     ci = row.ci95
     best = row.best_val
     return {
-        "label": row.label, "kind": row.kind, "method": row.method, "seeds": row.seeds,
+        "label": row.label, "kind": row.kind, "method": row.method, "backbone": row.backbone, "seeds": row.seeds,
         "accuracy": row.accuracy, "accuracy_std": row.accuracy_std,
         "accuracy_ci95_low": ci[0] if ci else None, "accuracy_ci95_high": ci[1] if ci else None,
         "balanced_accuracy": row.balanced_accuracy, "balanced_accuracy_std": row.balanced_accuracy_std,
@@ -292,7 +292,7 @@ def _pair_records(res: CompareResult) -> List[dict]:
 
 
 _CSV_FIELDS = [
-    "row_type", "label", "name", "kind", "method", "seed", "seeds", "epochs", "accuracy", "accuracy_std",
+    "row_type", "label", "name", "kind", "method", "backbone", "seed", "seeds", "epochs", "accuracy", "accuracy_std",
     "accuracy_ci95_low", "accuracy_ci95_high", "balanced_accuracy", "balanced_accuracy_std", "n_val",
     "correct", "total_seconds", "train_seconds", "extract_seconds", "predict_ms_per_image",
     "trainable_parameters", "weights", "weights_id", "weights_sha256", "pretrained", "device", "selection",

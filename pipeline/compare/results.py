@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import UserError
-from ..paths import RUN_HISTORY, RUN_METRICS, heads_dir, runs_dir
+from ..config import DEFAULT_BACKBONE
+from ..paths import RUN_HISTORY, RUN_METRICS, for_backbone, heads_dir, runs_dir
 from ..records import HeadRecord, RecordError, RunRecord, read_json
 
 __all__ = ["NOT_PRETRAINED", "Result", "Row", "weights_label", "load_results", "choose_reference",
@@ -73,6 +74,7 @@ class Result:
     selection: str = ""  # runs: "final" or "holdout:F" (never val)
     train_per_class: int = 0  # runs: K of --train-per-class (0: every train image)
     best_val_epoch: Optional[int] = None  # runs: the tutorial's epoch, chosen on val (optimistic)
+    backbone: str = DEFAULT_BACKBONE  # the network the features or the run came from
     best_val_acc: Optional[float] = None
     history: Optional[dict] = None  # runs: history.json
     issue: str = ""  # why it is not comparable with the reference ("" when it is)
@@ -127,7 +129,7 @@ def _load_head(path: str, doc: dict) -> Result:
         trainable_parameters=rec.trainable_parameters,
         device=feats.extract_device, head=str(rec.settings.get("head", rec.name)),
         extract_seconds=feats.extract_seconds, features_path=feats.path, features_key=feats.content_key,
-        used_views=rec.used_views,
+        used_views=rec.used_views, backbone=feats.backbone or DEFAULT_BACKBONE,
     )
 
 
@@ -140,13 +142,15 @@ def _load_run(path: str, doc: dict) -> Result:
     rule = rec.selection.get("rule", "final")
     selection = "final" if rule == "final" else f"holdout:{rec.selection.get('fraction', 0):g}"
     result = Result(
-        kind="run", name=rec.name, method=rec.mode + ("" if rule == "final" else f" ({selection})"),
+        kind="run", name=rec.name,
+        method=for_backbone(rec.backbone, rec.mode) + ("" if rule == "final" else f" ({selection})"),
         source=path, metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
         weights_id=rec.weights.id, weights_sha256=rec.weights.sha256, pretrained=rec.weights.pretrained,
         total_seconds=rec.total_seconds, train_seconds=rec.total_seconds,
         predict_ms=rec.predict_ms_per_image, trainable_parameters=rec.trainable_parameters,
         device=rec.device, seed=rec.seed, epochs=rec.epochs, selection=selection,
         train_per_class=rec.train_per_class, best_val_epoch=rec.best_val_epoch, best_val_acc=rec.best_val_acc,
+        backbone=rec.backbone,
     )
     result.history = _load_history(os.path.join(os.path.dirname(path), RUN_HISTORY))
     return result
@@ -314,6 +318,7 @@ class Row:
     top: bool = False  # no other row beats it significantly (Holm-adjusted McNemar)
     recommended: bool = False  # the cheapest member of the top group
     beaten_by: List[str] = field(default_factory=list)  # labels of the rows that beat it
+    backbone: str = DEFAULT_BACKBONE
 
     @property
     def ci95(self) -> Optional[Tuple[float, float]]:
@@ -337,10 +342,10 @@ class Row:
 
 
 def make_rows(results: List[Result]) -> List[Row]:
-    """One row per head and per end-to-end setting (mode, weights, epochs, selection rule)."""
+    """One row per head and per end-to-end setting (backbone, mode, weights, epochs, selection rule)."""
     groups: Dict[tuple, List[Result]] = {}
     for r in results:
-        key = ((r.kind, r.method, r.weights_id, r.epochs, r.selection, r.train_per_class) if r.kind == "run"
+        key = ((r.kind, r.backbone, r.method, r.weights_id, r.epochs, r.selection, r.train_per_class) if r.kind == "run"
                else ("head", r.source))
         groups.setdefault(key, []).append(r)
     rows = []
@@ -358,7 +363,7 @@ def make_rows(results: List[Result]) -> List[Row]:
             train_seconds=mean_std([r.train_seconds for r in members])[0],
             predict_ms=mean_std([r.predict_ms for r in members])[0],
             trainable_parameters=params.pop() if len(params) == 1 else None,
-            device=", ".join(sorted({r.device for r in members if r.device})),
+            device=", ".join(sorted({r.device for r in members if r.device})), backbone=first.backbone,
         ))
     _disambiguate(rows)
     return rows

@@ -158,6 +158,9 @@ def _pca_panels(rows: List[Row]) -> List[plots.PcaPanel]:
 def run(cfg: CompareConfig) -> CompareResult:
     """Compare every head and run under ``cfg.cache``; publish the report at ``<cfg.reports>/compare``."""
     results, skipped = load_results(cfg.cache)
+    if cfg.backbones:  # --backbone a,b: only those (names as the records carry them)
+        wanted = set(cfg.backbones)
+        results = [r for r in results if r.backbone in wanted]
     if not results:
         raise UserError(
             f"no head or run results under {heads_dir(cfg.cache)!r} or "

@@ -8,7 +8,7 @@ import os
 import socket
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torchvision import transforms
@@ -134,43 +134,47 @@ def discover(root: str) -> DataSet:
     return DataSet(os.path.abspath(root), classes, splits)
 
 
-def _interpolation():
-    return transforms.InterpolationMode(PREPROCESS["interpolation"])
+def _interpolation(preprocess: dict):
+    return transforms.InterpolationMode(preprocess["interpolation"])
 
 
-def eval_transform() -> transforms.Compose:
-    """Resize(256) + CenterCrop(224) + ImageNet normalisation (the protocol's eval transform)."""
+def eval_transform(preprocess: Optional[dict] = None) -> transforms.Compose:
+    """Resize + CenterCrop + normalisation of ``preprocess`` (the backbone's; default: the
+    protocol's ``Resize(256)``, ``CenterCrop(224)``, ImageNet mean and std)."""
+    pp = PREPROCESS if preprocess is None else preprocess
     return transforms.Compose([
-        transforms.Resize(PREPROCESS["resize"], interpolation=_interpolation()),
-        transforms.CenterCrop(PREPROCESS["crop"]),
+        transforms.Resize(pp["resize"], interpolation=_interpolation(pp)),
+        transforms.CenterCrop(pp["crop"]),
         transforms.ToTensor(),
-        transforms.Normalize(PREPROCESS["mean"], PREPROCESS["std"]),
+        transforms.Normalize(pp["mean"], pp["std"]),
     ])
 
 
-def train_transform() -> transforms.Compose:
-    """RandomResizedCrop(224) + RandomHorizontalFlip + normalisation (the protocol's train transform)."""
+def train_transform(preprocess: Optional[dict] = None) -> transforms.Compose:
+    """RandomResizedCrop + RandomHorizontalFlip + normalisation (the protocol's train transform, at
+    the backbone's crop size, interpolation, mean and std)."""
+    pp = PREPROCESS if preprocess is None else preprocess
     return transforms.Compose([
         transforms.RandomResizedCrop(
-            PREPROCESS["crop"], scale=PREPROCESS["train_scale"], ratio=PREPROCESS["train_ratio"],
-            interpolation=_interpolation(),
+            pp["crop"], scale=pp["train_scale"], ratio=pp["train_ratio"], interpolation=_interpolation(pp),
         ),
-        transforms.RandomHorizontalFlip(PREPROCESS["hflip"]),
+        transforms.RandomHorizontalFlip(pp["hflip"]),
         transforms.ToTensor(),
-        transforms.Normalize(PREPROCESS["mean"], PREPROCESS["std"]),
+        transforms.Normalize(pp["mean"], pp["std"]),
     ])
 
 
-def describe_transforms(views: int, draft: bool) -> dict:
+def describe_transforms(views: int, draft: bool, preprocess: Optional[dict] = None) -> dict:
     """A JSON-able description of everything that shapes the backbone's input."""
+    pp = PREPROCESS if preprocess is None else preprocess
     desc = {
-        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in PREPROCESS.items()},
-        "eval": repr(eval_transform()),
-        "draft_jpeg_min_side": PREPROCESS["resize"] if draft else None,
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in pp.items()},
+        "eval": repr(eval_transform(pp)),
+        "draft_jpeg_min_side": pp["resize"] if draft else None,
         "rgb": "palette/alpha composited on white; 16-bit rescaled; EXIF orientation applied",
     }
     if views:
-        desc["views"] = {"count": views, "train": repr(train_transform())}
+        desc["views"] = {"count": views, "train": repr(train_transform(pp))}
     return desc
 
 
@@ -213,27 +217,28 @@ class ImageDataset(torch.utils.data.Dataset):
 class ExtractionDataset(torch.utils.data.Dataset):
     """Images for feature extraction, never raising on a bad file.
 
-    Each sample is a dict: ``image`` (3, 224, 224), ``views`` (K, 3, 224, 224), ``index``,
+    Each sample is a dict: ``image`` (3, crop, crop), ``views`` (K, 3, crop, crop), ``index``,
     ``sha1`` of the file bytes, ``error`` ("" when decoding worked).
     """
 
     def __init__(self, root: str, relpaths: Sequence[str], views: int = 0, seed: int = 0,
-                 draft: bool = True):
+                 draft: bool = True, preprocess: Optional[dict] = None):
         self.root = root
         self.relpaths = list(relpaths)
         self.views = views
         self.seed = seed
+        self.preprocess = PREPROCESS if preprocess is None else preprocess
         # Augmented crops may zoom into a small region, so they need the full resolution.
-        self.draft_size = PREPROCESS["resize"] if draft and not views else None
-        self.eval_tf = eval_transform()
-        self.train_tf = train_transform() if views else None
+        self.draft_size = self.preprocess["resize"] if draft and not views else None
+        self.eval_tf = eval_transform(self.preprocess)
+        self.train_tf = train_transform(self.preprocess) if views else None
 
     def __len__(self) -> int:
         return len(self.relpaths)
 
     def __getitem__(self, index: int) -> dict:
         relpath = self.relpaths[index]
-        crop = PREPROCESS["crop"]
+        crop = self.preprocess["crop"]
         sample = {"index": index, "sha1": "", "error": ""}
         image = torch.zeros(3, crop, crop)
         views = torch.zeros(self.views, 3, crop, crop)

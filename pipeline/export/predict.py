@@ -13,9 +13,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import PRECISIONS, PREDICT_FORMATS, PredictConfig
+from ..config import DEFAULT_BACKBONE, PRECISIONS, PREDICT_FORMATS, PredictConfig
 from ..errors import UserError
-from ..paths import head_sidecar, heads_dir
+from ..paths import for_backbone, head_sidecar, heads_dir
 from ..records import WeightsRef
 from .predictions import PredictResult
 
@@ -26,14 +26,18 @@ FORMATS = PREDICT_FORMATS
 log = logging.getLogger(__name__)
 
 
-def resolve_head(head: str, cache: str) -> str:
-    """A head name (``logistic``) under ``<cache>/heads/``, or an explicit sidecar/model path."""
+def resolve_head(head: str, cache: str, backbone: str = "") -> str:
+    """A head name (``logistic``) under ``<cache>/heads/``, or an explicit sidecar/model path.
+
+    With ``backbone`` (other than resnet18) the name is that backbone's head
+    (``efficientnet_lite0-logistic``); the full file stem works without it.
+    """
     if not head:
         raise UserError(f"--head is required: a head name under {heads_dir(cache)!r} or a path; "
                         f"{_available(cache)}")
     if os.path.exists(head) or os.sep in head or head.endswith((".json", ".joblib", ".skops")):
         return head
-    sidecar = head_sidecar(heads_dir(cache), head)
+    sidecar = head_sidecar(heads_dir(cache), for_backbone(backbone.strip(), head))
     if not os.path.exists(sidecar):
         raise UserError(f"no head {head!r} under {heads_dir(cache)!r}; {_available(cache)}")
     return sidecar
@@ -77,16 +81,16 @@ def run(cfg: PredictConfig) -> PredictResult:
 
         return client.run(cfg)
     from .. import data, heads
-    from ..heads.sklearn_api import ResNet18Features
+    from ..heads.sklearn_api import BackboneFeatures
 
-    head = heads.load_head(resolve_head(cfg.head, cfg.cache))
+    head = heads.load_head(resolve_head(cfg.head, cfg.cache, cfg.backbone))
     feats = head.record.features
     paths = data.collect_images(cfg.inputs)
     if not paths:
         raise UserError(f"no image files found in {list(cfg.inputs)}; give image files or folders that hold them")
     spec, seed = _weights_spec(cfg, feats.weights)
     # Images already in a matching feature cache under --cache are read from it (checksummed), not recomputed.
-    extractor = ResNet18Features(weights=spec, seed=seed, device=cfg.device,
+    extractor = BackboneFeatures(backbone=feats.backbone or DEFAULT_BACKBONE, weights=spec, seed=seed, device=cfg.device,
                                  precision=_precision(feats.precision or "auto", cfg.device, head.name),
                                  batch_size=cfg.batch_size, draft=feats.draft,
                                  cache=cfg.cache if os.path.isdir(cfg.cache) else None)

@@ -1,8 +1,8 @@
 """Export a head or a run as one ONNX image classifier: ``python -m pipeline export``.
 
 ``--head NAME``: a ``StandardScaler`` followed by a linear model is one affine map of the
-512-d features, so it is folded (in float64, then stored as float32) into one ``nn.Linear``
-that replaces ResNet18's ``fc`` behind the backbone the head's features came from.
+pooled features, so it is folded (in float64, then stored as float32) into one ``nn.Linear``
+that replaces the classifier layer of the backbone the head's features came from.
 ``--run MODE[-SEED]``: the run's trained network as it is.
 
 The model takes float32 images of shape (N, 3, crop, crop) in [0, 1], after the resize and
@@ -43,12 +43,13 @@ from .. import backbones, data, files, heads
 from . import predict
 from ..features import store
 from ..finetune.checkpoints import save_json, verify_checkpoint
-from ..config import ONNX_OPSET, PREPROCESS, ExportConfig
+from ..backbones.registry import set_submodule
+from ..config import ONNX_OPSET, ExportConfig
 from ..errors import ParameterError, UserError
 from ..heads.stage import REGISTRY
 from .client import FORMAT, OnnxClassifier
 from ..records import RunRecord, read_json
-from ..paths import RUN_METRICS, export_dir, report_files, run_dir, runs_dir
+from ..paths import RUN_METRICS, export_dir, for_backbone, report_files, run_dir, runs_dir
 from ..versions import TORCH_STACK, library_versions
 
 __all__ = ["Folded", "fold_head", "exportable_heads", "ExportResult", "run", "export_dir", "FORMAT"]
@@ -204,7 +205,7 @@ def _fold_centroid(est, shift, scale, classes) -> Folded:
 
 
 class ImageClassifier(nn.Module):
-    """Normalisation, ResNet18 (its ``fc`` the head) and the probability rule, in one module."""
+    """Normalisation, the backbone (its classifier layer the head) and the probability rule, in one module."""
 
     def __init__(self, net: nn.Module, n_classes: int, proba: str, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
@@ -268,6 +269,7 @@ class Source:
     logits: str
     proba: str
     check: "Check"
+    preprocess: dict  # the backbone's resize, crop, interpolation, mean and std
     proba_text: str = ""
 
 
@@ -291,21 +293,24 @@ def _sample(n: int, k: int) -> np.ndarray:
 
 
 def _head_source(cfg: ExportConfig) -> Source:
-    sidecar = predict.resolve_head(cfg.head, cfg.cache)
+    sidecar = predict.resolve_head(cfg.head, cfg.cache, cfg.backbone)
     head = heads.load_head(sidecar)
     rec = head.record
     feats = rec.features
     folded = fold_head(head.model, head.name)
-    weights = backbones.resolve_weights(cfg.weights or feats.weights.spec, feats.weights.seed or 0)
+    weights = backbones.resolve_weights(cfg.weights or feats.weights.spec, feats.weights.seed or 0,
+                                        feats.backbone or None)
     if weights.sha256 != feats.weights.sha256:
         raise UserError(f"weights {weights.spec!r} ({weights.id}) are not the weights head {head.name!r} was fitted "
                         f"on ({feats.weights.id}); pass --weights with the same weights")
     net = backbones.build_model(weights)
-    net.fc = folded.linear()
+    classifier = backbones.classifier_path(weights.backbone)
+    set_submodule(net, classifier, folded.linear())  # scaler and head folded into the network's classifier
     classes = [head.classes[c] for c in folded.classes]
-    module = ImageClassifier(net, folded.n_classes, folded.proba, PREPROCESS["mean"], PREPROCESS["std"]).eval()
-    draft = PREPROCESS["resize"] if feats.draft else None
-    check = _head_check(head, feats, folded, cfg.sample, net, draft)
+    pp = weights.backbone.preprocess()
+    module = ImageClassifier(net, folded.n_classes, folded.proba, pp["mean"], pp["std"]).eval()
+    draft = pp["resize"] if feats.draft else None
+    check = _head_check(head, feats, folded, cfg.sample, net, draft, classifier, pp)
     doc = {"kind": "head", "name": head.name, "sidecar": os.path.abspath(os.path.splitext(sidecar)[0] + ".json"),
            "model_sha256": rec.sha256, "method": rec.method, "estimator": folded.estimator,
            "hyperparameters": rec.hyperparameters,
@@ -313,10 +318,11 @@ def _head_source(cfg: ExportConfig) -> Source:
     proba_text = ("softmax of -|z' - c'|² + 2 log prior, z' and c' divided by the within-class standard "
                   "deviation (NearestCentroid.predict_proba)") if folded.weight.shape[0] > folded.n_classes else ""
     return Source("head", head.name, doc, module, classes, feats.weights.to_json(), draft, folded.logits,
-                  folded.proba, check, proba_text)
+                  folded.proba, check, pp, proba_text)
 
 
-def _head_check(head, feats, folded: Folded, sample: int, net: nn.Module, draft) -> Check:
+def _head_check(head, feats, folded: Folded, sample: int, net: nn.Module, draft, classifier: str,
+                preprocess: dict) -> Check:
     """The head's answers on cached val features (recomputed in fp32 if the cache is not fp32)."""
     path = feats.path
     if not path or not os.path.isfile(path):
@@ -331,7 +337,7 @@ def _head_check(head, feats, folded: Folded, sample: int, net: nn.Module, draft)
     notes = []
     against = f"the joblib head on the cached val features ({path})"
     if meta.get("precision", "fp32") != "fp32":  # bf16/fp16 features differ from fp32 by more than 1e-4
-        X = _torch_features(net, paths, draft)
+        X = _torch_features(net, paths, draft, classifier, preprocess)
         against = f"the joblib head on fp32 PyTorch features of the same val images (the cache holds {meta['precision']})"
     model = head.model
     predicted = _columns(model.predict(X), folded.classes)
@@ -350,19 +356,20 @@ def _decision(model, X: np.ndarray) -> np.ndarray:
     return np.stack([np.zeros_like(d), d], axis=1) if d.ndim == 1 else d
 
 
-def _torch_features(net: nn.Module, paths: List[str], draft) -> np.ndarray:
-    """512-d fp32 features of ``paths`` with the backbone (``fc`` bypassed)."""
-    fc, net.fc = net.fc, nn.Identity()
+def _torch_features(net: nn.Module, paths: List[str], draft, classifier: str, preprocess: dict) -> np.ndarray:
+    """fp32 features of ``paths`` with the backbone (its classifier bypassed)."""
+    head = net.get_submodule(classifier)
+    set_submodule(net, classifier, nn.Identity())
     try:
-        batch = torch.stack([data.eval_transform()(data.load_image(p, draft)) for p in paths])
+        batch = torch.stack([data.eval_transform(preprocess)(data.load_image(p, draft)) for p in paths])
         with torch.inference_mode():
             return net.eval()(batch).numpy()
     finally:
-        net.fc = fc
+        set_submodule(net, classifier, head)
 
 
 def _run_source(cfg: ExportConfig) -> Source:
-    name = cfg.run
+    name = for_backbone(cfg.backbone.strip(), cfg.run)
     directory = run_dir(cfg.cache, name)
     metrics_path = os.path.join(directory, RUN_METRICS)
     if not os.path.isfile(metrics_path):
@@ -386,20 +393,22 @@ def _run_source(cfg: ExportConfig) -> Source:
         raise UserError(f"checkpoint {checkpoint!r} is missing or damaged ({type(exc).__name__}); rerun "
                         f"`python -m pipeline finetune --mode {rec.mode} --rebuild`") from None
     classes = list(rec.classes)
-    net = backbones.build_model(None, num_classes=len(classes))
+    net = backbones.build_model(None, num_classes=len(classes), backbone=rec.backbone)
     net.load_state_dict(state)
-    module = ImageClassifier(net, len(classes), "softmax", PREPROCESS["mean"], PREPROCESS["std"]).eval()
-    check = _run_check(module, rec, cfg.sample)
+    pp = backbones.get_backbone(rec.backbone).preprocess()
+    module = ImageClassifier(net, len(classes), "softmax", pp["mean"], pp["std"]).eval()
+    check = _run_check(module, rec, cfg.sample, pp)
     source_doc = {"kind": "run", "name": name, "mode": rec.mode, "seed": rec.seed,
                   "checkpoint": os.path.abspath(checkpoint), "checkpoint_sha256": files.file_digest(checkpoint, "sha256"),
                   "state_dict_sha256": backbones.state_dict_sha256(state), "epoch": ckpt.get("epoch"),
                   "metrics": os.path.abspath(metrics_path)}
     weights = dict(rec.weights.to_json(),
                    note="the initial weights the run trained from; the trained weights are the checkpoint's")
-    return Source("run", name, source_doc, module, classes, weights, None, "the network's fc output", "softmax", check)
+    return Source("run", name, source_doc, module, classes, weights, None, "the network's classifier output",
+                  "softmax", check, pp)
 
 
-def _run_check(module: ImageClassifier, rec: RunRecord, sample: int) -> Check:
+def _run_check(module: ImageClassifier, rec: RunRecord, sample: int, preprocess: dict) -> Check:
     """The run's network in PyTorch on its val images, decoded and transformed as training did."""
     root = rec.data_root
     relpaths = rec.metrics["predictions"].get("paths") or []
@@ -412,7 +421,7 @@ def _run_check(module: ImageClassifier, rec: RunRecord, sample: int) -> Check:
     if missing:
         raise UserError(f"val image {missing[0]!r} of the run is missing; export checks the model on the run's val "
                         "images: restore the data folder")
-    batch = torch.stack([data.eval_transform()(data.load_image(p)) for p in paths])  # normalised here
+    batch = torch.stack([data.eval_transform(preprocess)(data.load_image(p)) for p in paths])  # normalised here
     with torch.inference_mode():
         logits = module.net(batch)
     return Check("the run's network in PyTorch on the same val images", paths, logits.argmax(1).numpy(),
@@ -524,7 +533,8 @@ def run(cfg: ExportConfig) -> ExportResult:
         raise UserError("export needs onnx, onnxscript and onnxruntime: pip install 'pipeline[onnx]'") from None
     source = _head_source(cfg) if cfg.head else _run_source(cfg)
     path = _target(cfg, source.kind, source.name)
-    crop = PREPROCESS["crop"]
+    pp = source.preprocess
+    crop = pp["crop"]
     names = output_names(source.proba)
     info = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
@@ -536,9 +546,9 @@ def run(cfg: ExportConfig) -> ExportResult:
                                                  if source.proba != "none" else {})},
         "preprocessing": {
             "decode": "RGB; EXIF orientation applied; palette and alpha composited on white; 16-bit rescaled",
-            "draft_jpeg_min_side": source.draft, "resize": PREPROCESS["resize"], "crop": crop,
-            "interpolation": PREPROCESS["interpolation"], "antialias": True,
-            "mean": list(PREPROCESS["mean"]), "std": list(PREPROCESS["std"]),
+            "draft_jpeg_min_side": source.draft, "resize": pp["resize"], "crop": crop,
+            "interpolation": pp["interpolation"], "antialias": True,
+            "mean": list(pp["mean"]), "std": list(pp["std"]),
             "normalization": "inside the graph: feed pixels / 255 after resize and center crop",
         },
         "weights": source.weights,

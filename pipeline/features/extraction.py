@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from .. import backbones, data
-from ..config import FEATURE_DIM
 from ..errors import UserError
 
 __all__ = [
@@ -150,18 +149,18 @@ def weights_identity(spec: str, seed: int = 0) -> tuple:
     return ("file", os.path.abspath(spec), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def load_weights(spec: str, seed: int = 0) -> backbones.Weights:
-    """``backbones.resolve_weights``, checked (hashed) once per process for each source.
+def load_weights(spec: str, seed: int = 0, backbone: Optional[str] = None) -> backbones.Weights:
+    """``backbones.resolve_weights``, checked (hashed) once per process for each source and backbone.
 
     A file is read again when its size, mtime or inode changed. Raises ``UserError`` as
     ``resolve_weights`` does.
     """
-    key = weights_identity(spec, seed)
+    key = (backbone or backbones.DEFAULT,) + weights_identity(spec, seed)
     with _WEIGHTS_LOCK:
         if key in _WEIGHTS:
             _WEIGHTS.move_to_end(key)
             return _WEIGHTS[key]
-    weights = backbones.resolve_weights(spec, seed)
+    weights = backbones.resolve_weights(spec, seed, backbone)
     with _WEIGHTS_LOCK:
         _WEIGHTS[key] = weights
         while len(_WEIGHTS) > _WEIGHTS_KEPT:
@@ -182,7 +181,7 @@ def forget_weights() -> None:
 class Batch:
     """One loader batch's results, in the order of ``index`` (positions in the paths given).
 
-    ``features`` (n, 512) float32 and ``views`` (n, K, 512) or None; rows whose ``error`` is
+    ``features`` (n, D) float32 and ``views`` (n, K, D) or None (D: the backbone's feature size); rows whose ``error`` is
     not empty could not be decoded and hold zeros.
     """
 
@@ -220,6 +219,8 @@ class Extractor:
         self.workers = workers
         self.channels_last = channels_last
         self.processes = processes
+        self.preprocess = weights.backbone.preprocess()
+        self.dim = backbones.feature_dim(weights.backbone.name)
         self.model = backbones.feature_extractor(weights, device, channels_last)
 
     def loader(self, root: str, relpaths: Sequence[str], views: int = 0, seed: int = 0,
@@ -227,7 +228,7 @@ class Extractor:
         """Batches of ``data.ExtractionDataset`` samples holding at most ``batch_size`` images (views included)."""
         workers = default_workers(self.device, self.processes, len(relpaths)) if self.workers < 0 else self.workers
         return torch.utils.data.DataLoader(
-            data.ExtractionDataset(root, relpaths, views=views, seed=seed, draft=draft),
+            data.ExtractionDataset(root, relpaths, views=views, seed=seed, draft=draft, preprocess=self.preprocess),
             batch_size=max(1, self.batch_size // (1 + views)),
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
@@ -244,18 +245,18 @@ class Extractor:
     def _batch(self, batch: dict, views: int) -> Batch:
         errors = list(batch["error"])
         n = len(errors)
-        feats = np.zeros((n, FEATURE_DIM), np.float32)
-        view_feats = np.zeros((n, views, FEATURE_DIM), np.float32) if views else None
+        feats = np.zeros((n, self.dim), np.float32)
+        view_feats = np.zeros((n, views, self.dim), np.float32) if views else None
         # Consecutive decodable rows are slices of the (pinned) batch: views, not copies.
         for start, stop in _runs([not e for e in errors]):
             feats[start:stop] = self.forward(batch["image"][start:stop])
             if views:
                 flat = batch["views"][start:stop].flatten(0, 1)
-                view_feats[start:stop] = self.forward(flat).reshape(stop - start, views, FEATURE_DIM)
+                view_feats[start:stop] = self.forward(flat).reshape(stop - start, views, self.dim)
         return Batch(batch["index"].tolist(), list(batch["sha1"]), errors, feats, view_feats)
 
     def forward(self, images: torch.Tensor) -> np.ndarray:
-        """Features of ``images`` (n, 3, H, W) as float32 (n, 512), at most ``batch_size`` per pass."""
+        """Features of ``images`` (n, 3, H, W) as float32 (n, D), at most ``batch_size`` per pass."""
         out = []
         with out_of_memory_hint(self.device, self.batch_size), torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
@@ -264,5 +265,5 @@ class Extractor:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with numerics(self.device, self.precision):
                     out.append(self.model(x).float())
-            result = torch.cat(out) if out else torch.zeros(0, FEATURE_DIM)
+            result = torch.cat(out) if out else torch.zeros(0, self.dim)
             return result.cpu().numpy()

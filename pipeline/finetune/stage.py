@@ -49,6 +49,8 @@ from tqdm.auto import tqdm
 from .. import backbones, data, files, metrics, paths
 from . import checkpoints
 from .loaders import AugmentedDataset, EpochSampler, Loaders, decodable, plan, worker_init
+from ..backbones.registry import set_submodule
+from ..errors import UserError
 from ..features import extraction, store
 from ..config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_select
 from .checkpoints import RUN_FORMAT, verify_checkpoint  # noqa: F401 (re-exported: tests and export read them here)
@@ -81,17 +83,19 @@ _STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc")
 # --------------------------------------------------------------------------- entry point
 
 
-def run_name(mode: str, seed: int, select: str = "final", train_per_class: int = 0) -> str:
-    """``<mode>[-k<K>][-holdout<F>][-<seed>]``: e.g. ``finetune``, ``scratch-3``, ``finetune-k8``,
-    ``finetune-holdout0.2``. Runs of other train subsets or selection rules never share a folder."""
+def run_name(mode: str, seed: int, select: str = "final", train_per_class: int = 0, backbone: str = "") -> str:
+    """``[<backbone>-]<mode>[-k<K>][-holdout<F>][-<seed>]``: e.g. ``finetune``, ``scratch-3``,
+    ``finetune-k8``, ``efficientnet_lite0-finetune``. Runs of other backbones, train subsets or
+    selection rules never share a folder (the default backbone keeps the plain names)."""
     rule, fraction = parse_select(select)
     name = mode + (f"-k{train_per_class}" if train_per_class else "")
     name += f"-holdout{fraction:g}" if rule == "holdout" else ""
-    return name if seed == 0 else f"{name}-{seed}"
+    return paths.for_backbone(backbone, name if seed == 0 else f"{name}-{seed}")
 
 
-def run_dir(cache: str, mode: str, seed: int, select: str = "final", train_per_class: int = 0) -> str:
-    return paths.run_dir(cache, run_name(mode, seed, select, train_per_class))
+def run_dir(cache: str, mode: str, seed: int, select: str = "final", train_per_class: int = 0,
+            backbone: str = "") -> str:
+    return paths.run_dir(cache, run_name(mode, seed, select, train_per_class, backbone))
 
 
 def run(cfg: FinetuneConfig) -> FinetuneResult:
@@ -102,6 +106,11 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     UserError
         Bad options, unusable data, unavailable weights or device.
     """
+    backbone = backbones.get_backbone(cfg.backbone)
+    if cfg.mode == "partial" and not _has_stages(backbone):
+        raise UserError(f"--mode partial needs a backbone with named stages ({', '.join(TRAINABLE_FROM)}: the "
+                        f"torchvision ResNets); {backbone.name} has none: use --mode fixed (classifier only) or "
+                        "--mode finetune (every layer)")
     dataset = data.discover(cfg.data)
     device = backbones.choose_device(cfg.device)
     precision = backbones.choose_precision(cfg.precision, device)
@@ -109,7 +118,7 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
     threads = cfg.threads or torch.get_num_threads()
     splits, skipped = decodable(dataset, cfg.strict)
     runs = [_run_one(FinetuneRun(cfg, seed, dataset, plan(cfg, seed, splits, dataset.classes), skipped, device,
-                                 precision), threads)
+                                 precision, backbone), threads)
             for seed in tuple(cfg.seeds) or (cfg.seed,)]
     return FinetuneResult(runs, skipped)
 
@@ -127,17 +136,19 @@ class FinetuneRun:
     skipped: List[dict]  # undecodable images of the data set (all runs)
     device: torch.device
     precision: str
+    backbone: backbones.Backbone
     weights: Optional[backbones.Weights] = None
     settings: dict = field(default_factory=dict)  # everything that shapes the trajectory
     key: str = ""  # store.settings_key(settings)
 
     @property
     def name(self) -> str:
-        return run_name(self.cfg.mode, self.seed, self.cfg.select, self.cfg.train_per_class)
+        return run_name(self.cfg.mode, self.seed, self.cfg.select, self.cfg.train_per_class, self.backbone.name)
 
     @property
     def directory(self) -> str:
-        return run_dir(self.cfg.cache, self.cfg.mode, self.seed, self.cfg.select, self.cfg.train_per_class)
+        return run_dir(self.cfg.cache, self.cfg.mode, self.seed, self.cfg.select, self.cfg.train_per_class,
+                       self.backbone.name)
 
     def file(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -315,6 +326,7 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
         best_val_epoch=best_val,
         best_val_acc=history[best_val - 1]["val_acc"],
         train_per_class=cfg.train_per_class,
+        backbone=ctx.backbone.name,
         train_images=len(splits["train"]) + len(splits.get("holdout", [])),
         train_subset=[i.relpath for i in splits["train"]] if cfg.train_per_class else None,
         epochs=len(history),
@@ -419,29 +431,70 @@ def evaluate(s: Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.nd
 # --------------------------------------------------------------------------- the network
 
 
-class _Net:
-    """ResNet18 split into a frozen prefix and a trainable suffix (views of the same modules).
+def _has_stages(backbone: backbones.Backbone) -> bool:
+    """Torchvision's ResNets have the named stages of ``--trainable-from`` (stem, layer1..4, pool, fc)."""
+    return backbone.library == "torchvision" and (backbone.arch.startswith(("resnet", "resnext", "wide_resnet")))
 
-    ``prefix`` is what runs the frozen part: with BatchNorm frozen in eval mode it is a
-    conv+BN-fused copy (frozen weights never change, so the copy never goes stale), run under
-    ``no_grad``; its output does not depend on how images are batched, which lets it run on
-    large chunks while the optimiser still steps on batches of ``batch_size``.
+
+def _resnet_stages(model: nn.Module) -> Dict[str, List[nn.Module]]:
+    return {
+        "stem": [model.conv1, model.bn1, model.relu, model.maxpool],
+        "layer1": [model.layer1], "layer2": [model.layer2],
+        "layer3": [model.layer3], "layer4": [model.layer4],
+        "pool": [model.avgpool, nn.Flatten(1)], "fc": [model.fc],
+    }
+
+
+class _Body(nn.Module):
+    """A network up to its classifier's input (the pooled pre-logits), for backbones without named
+    stages: the whole forward with the classifier bypassed. Swapping the module for the call keeps
+    one network (one state_dict, the library's own forward) instead of a rebuilt copy."""
+
+    def __init__(self, model: nn.Module, head: str):
+        super().__init__()
+        self.model = model
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        classifier = self.model.get_submodule(self.head)
+        set_submodule(self.model, self.head, nn.Identity())
+        try:
+            return self.model(x)
+        finally:
+            set_submodule(self.model, self.head, classifier)
+
+
+class _Net:
+    """The network split into a frozen prefix and a trainable suffix (views of the same modules).
+
+    ResNets split at their named stages (``stem``, ``layer1``…``layer4``, ``pool``, ``fc``); any
+    other backbone at its classifier (``body``, ``fc``): ``fixed`` trains the classifier alone,
+    ``finetune``/``scratch`` train everything.
+
+    ``prefix`` is what runs the frozen part: with normalisation frozen in eval mode it is (for
+    ResNets, a conv+BN-fused copy; frozen weights never change, so the copy never goes stale)
+    run under ``no_grad``; its output does not depend on how images are batched, which lets it
+    run on large chunks while the optimiser still steps on batches of ``batch_size``.
     """
 
-    def __init__(self, model: nn.Module, mode: str, trainable_from: str, bn: str):
+    def __init__(self, model: nn.Module, mode: str, trainable_from: str, bn: str, backbone: backbones.Backbone):
         self.model = model
-        first = {"finetune": 0, "scratch": 0, "fixed": _STAGES.index("fc"),
-                 "partial": _STAGES.index(trainable_from)}[mode]
-        stages = {
-            "stem": [model.conv1, model.bn1, model.relu, model.maxpool],
-            "layer1": [model.layer1], "layer2": [model.layer2],
-            "layer3": [model.layer3], "layer4": [model.layer4],
-            "pool": [model.avgpool, nn.Flatten(1)], "fc": [model.fc],
-        }
-        frozen = [m for s in _STAGES[:first] for m in stages[s]]
+        self.fusable = _has_stages(backbone)
+        if self.fusable:
+            order, stages = _STAGES, _resnet_stages(model)
+        else:
+            head = backbones.classifier_path(backbone)
+            order, stages = ("body", "fc"), {"body": [_Body(model, head)], "fc": [model.get_submodule(head)]}
+        first = {"finetune": 0, "scratch": 0, "fixed": order.index("fc"),
+                 "partial": order.index(trainable_from) if trainable_from in order else -1}[mode]
+        if first < 0:
+            raise UserError(f"--mode partial needs named stages ({', '.join(TRAINABLE_FROM)}); {backbone.name} has "
+                            "none: use --mode fixed or --mode finetune")
+        frozen = [m for s in order[:first] for m in stages[s]]
         self.frozen = nn.Sequential(*frozen)
-        self.trainable = nn.Sequential(*[m for s in _STAGES[first:] for m in stages[s]])
+        self.trainable = nn.Sequential(*[m for s in order[first:] for m in stages[s]])
         self.frozen.requires_grad_(False)
+        self.trainable.requires_grad_(True)  # a body holds the classifier too: it stays trainable
         self.bn_frozen = bn == "frozen-eval"
         self.prefix: nn.Module = self.frozen
         # Chunking the prefix is exact only when its output ignores batch composition.
@@ -449,7 +502,7 @@ class _Net:
 
     def finalize(self, channels_last: bool) -> None:
         """Call after the model's weights and device are final."""
-        if self.chunked:
+        if self.chunked and self.fusable:
             from torch.fx.experimental.optimization import fuse
 
             self.frozen.eval()
@@ -460,12 +513,14 @@ class _Net:
     def train_mode(self) -> None:
         self.model.train()
         if self.bn_frozen:
-            self.frozen.eval()  # frozen BatchNorm keeps its running statistics
+            self.frozen.eval()  # every frozen normalisation layer keeps its running statistics
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if not len(self.frozen):
             return x
         with torch.no_grad():
+            if self.bn_frozen:
+                self.prefix.eval()
             return self.prefix(x)
 
     def parameters(self) -> Tuple[int, int]:
@@ -476,7 +531,7 @@ class _Net:
 
 def _initial_weights(cfg: FinetuneConfig, seed: int) -> backbones.Weights:
     # From scratch means random init whatever --weights says: the control of the protocol.
-    return backbones.resolve_weights("random" if cfg.mode == "scratch" else cfg.weights, seed)
+    return backbones.resolve_weights("random" if cfg.mode == "scratch" else cfg.weights, seed, cfg.backbone)
 
 
 def _build(ctx: FinetuneRun) -> _Net:
@@ -486,7 +541,7 @@ def _build(ctx: FinetuneRun) -> _Net:
     model = model.to(ctx.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return _Net(model, cfg.mode, cfg.trainable_from, cfg.bn)
+    return _Net(model, cfg.mode, cfg.trainable_from, cfg.bn, ctx.backbone)
 
 
 # --------------------------------------------------------------------------- data
@@ -494,6 +549,7 @@ def _build(ctx: FinetuneRun) -> _Net:
 
 def _loaders(ctx: FinetuneRun, net: _Net) -> Loaders:
     cfg, root, splits, seed, device = ctx.cfg, ctx.dataset.root, ctx.splits, ctx.seed, ctx.device
+    preprocess = ctx.backbone.preprocess()
     workers = default_workers(device) if cfg.workers < 0 else cfg.workers
     big = max(cfg.batch_size, default_batch_size(device))
     # Frozen-prefix modes load chunks of whole optimiser batches, so the prefix runs batched.
@@ -503,16 +559,16 @@ def _loaders(ctx: FinetuneRun, net: _Net) -> Loaders:
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                   persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     train = torch.utils.data.DataLoader(
-        AugmentedDataset(root, splits["train"], data.train_transform()), batch_size=train_batch,
+        AugmentedDataset(root, splits["train"], data.train_transform(preprocess)), batch_size=train_batch,
         sampler=sampler, generator=generator, **common)
     val = torch.utils.data.DataLoader(
-        data.ImageDataset(root, splits["val"], data.eval_transform()), batch_size=big, shuffle=False,
+        data.ImageDataset(root, splits["val"], data.eval_transform(preprocess)), batch_size=big, shuffle=False,
         **common)
     loaders = Loaders(train, val, sampler, generator, list(splits["val"]),
                        np.array([item.label for item in splits["val"]]), len(splits["train"]))
     if splits.get("holdout"):
         loaders.holdout = torch.utils.data.DataLoader(
-            data.ImageDataset(root, splits["holdout"], data.eval_transform()), batch_size=big, shuffle=False,
+            data.ImageDataset(root, splits["holdout"], data.eval_transform(preprocess)), batch_size=big, shuffle=False,
             **common)
         loaders.holdout_labels = np.array([i.label for i in splits["holdout"]])
     return loaders
@@ -533,10 +589,10 @@ def _items_digest(root: str, items: Sequence[data.Item]) -> str:
 def _settings(ctx: FinetuneRun) -> dict:
     """Everything that shapes the trajectory of a run (not the epoch count, not the workers)."""
     cfg, seed, weights, dataset, splits = ctx.cfg, ctx.seed, ctx.weights, ctx.dataset, ctx.splits
-    device, precision = ctx.device, ctx.precision
+    device, precision, preprocess = ctx.device, ctx.precision, ctx.backbone.preprocess()
     return {
         "format_version": checkpoints.RUN_FORMAT_VERSION,
-        "backbone": backbones.BACKBONE,
+        "backbone": ctx.backbone.name,
         "mode": cfg.mode,
         "trainable_from": cfg.trainable_from if cfg.mode == "partial" else None,
         "bn": cfg.bn,
@@ -548,7 +604,7 @@ def _settings(ctx: FinetuneRun) -> dict:
         "weight_decay": cfg.weight_decay, "step_size": cfg.step_size, "gamma": cfg.gamma,
         "precision": precision, "device_type": device.type, "channels_last": cfg.channels_last,
         "chunk": default_batch_size(device),
-        "transform": {"train": repr(data.train_transform()), "eval": repr(data.eval_transform())},
+        "transform": {"train": repr(data.train_transform(preprocess)), "eval": repr(data.eval_transform(preprocess))},
         "data_root": dataset.root,
         "classes": dataset.classes,
         "data": {split: _items_digest(dataset.root, items) for split, items in splits.items()},

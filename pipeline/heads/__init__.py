@@ -7,5 +7,5 @@ from ..lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".stage": ["HeadSpec", "REGISTRY", "HeadRow", "HeadsResult", "HeadsRun", "Head", "run", "load_head",
                "heads_dir", "parse_head_names", "features_path", "FORMATS"],
-    ".sklearn_api": ["ResNet18Features"],
+    ".sklearn_api": ["BackboneFeatures", "ResNet18Features"],
 })

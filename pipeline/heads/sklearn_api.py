@@ -1,8 +1,9 @@
-"""``ResNet18Features``: a scikit-learn transformer from image paths to frozen ResNet18 features.
+"""``BackboneFeatures``: a scikit-learn transformer from image paths to frozen backbone features
+(``ResNet18Features``: the same with the default ResNet18).
 
 >>> from sklearn.pipeline import make_pipeline
 >>> from sklearn.linear_model import LogisticRegression
->>> model = make_pipeline(ResNet18Features(weights="random", memory="cache/joblib"),
+>>> model = make_pipeline(BackboneFeatures("efficientnet_lite0", memory="cache/joblib"),
 ...                       LogisticRegression())                                   # doctest: +SKIP
 >>> model.fit(train_paths, train_labels).predict(new_paths)                       # doctest: +SKIP
 
@@ -28,11 +29,11 @@ from sklearn.utils.validation import check_is_fitted, check_memory
 
 from .. import backbones, data, paths
 from ..features import extraction, store
-from ..config import FEATURE_DIM
+from ..config import DEFAULT_BACKBONE
 from ..errors import UserError
 from ..files import file_digest
 
-__all__ = ["ResNet18Features"]
+__all__ = ["BackboneFeatures", "ResNet18Features"]
 
 _BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>")  # noise in PIL's messages
 _RUNTIME = ("_network", "_cache_indexes")  # rebuilt where the transformer runs; never pickled
@@ -43,13 +44,16 @@ def _remembered(key: str, feature: Optional[np.ndarray] = None) -> Optional[np.n
     return feature
 
 
-class ResNet18Features(TransformerMixin, BaseEstimator):
-    """Frozen ResNet18 penultimate features of image files, as a scikit-learn transformer.
+class BackboneFeatures(TransformerMixin, BaseEstimator):
+    """Frozen penultimate features (pooled pre-logits) of image files, as a scikit-learn transformer.
 
     Parameters
     ----------
+    backbone : str, default="resnet18"
+        ``"resnet18"``, ``"efficientnet_lite0"`` (ImageNet weights from the installed package),
+        ``"torchvision:NAME"`` or ``"timm:NAME"``.
     weights : str, default="imagenet"
-        ``"imagenet"`` (torchvision's IMAGENET1K_V1), ``"random"`` (seeded random init, not
+        ``"imagenet"`` (the backbone's ImageNet weights), ``"random"`` (seeded random init, not
         pretrained) or the path of a state_dict file.
     seed : int, default=0
         Seed of ``weights="random"``.
@@ -75,6 +79,10 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
 
     Attributes
     ----------
+    backbone_ : str
+        The canonical backbone name.
+    n_features_out_ : int
+        Size of a feature (512 for ResNet18, 1280 for EfficientNet-Lite0).
     weights_id_ : str
         Resolved weights (``imagenet``, ``random-seed0``, ``file:<name>``).
     weights_sha256_ : str
@@ -91,13 +99,14 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
     Notes
     -----
     ``X`` is a 1-D sequence of image paths (or an array of shape (n_samples, 1)), and
-    ``transform`` returns ``ndarray of shape (n_samples, 512)``. An image that cannot be
+    ``transform`` returns ``ndarray of shape (n_samples, n_features_out_)``. An image that cannot be
     decoded makes ``transform`` raise ``ValueError`` naming it.
     """
 
-    def __init__(self, weights: str = "imagenet", seed: int = 0, device: str = "auto", precision: str = "auto",
-                 batch_size: int = 0, cache: Optional[str] = None, root: Optional[str] = None, draft: bool = True,
-                 memory=None):
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, weights: str = "imagenet", seed: int = 0,
+                 device: str = "auto", precision: str = "auto", batch_size: int = 0, cache: Optional[str] = None,
+                 root: Optional[str] = None, draft: bool = True, memory=None):
+        self.backbone = backbone
         self.weights = weights
         self.seed = seed
         self.device = device
@@ -121,7 +130,7 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        self : ResNet18Features
+        self : BackboneFeatures
         """
         self._paths(X)
         if not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 0:
@@ -130,6 +139,8 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         check_memory(self.memory)  # validates ``memory``
         weights = self._weights()
         device, precision = self._device_precision()
+        self.backbone_ = weights.backbone.name
+        self.n_features_out_ = backbones.feature_dim(weights.backbone.name)
         self.weights_id_ = weights.id
         self.weights_sha256_ = weights.sha256
         self.pretrained_ = bool(weights.pretrained)
@@ -149,7 +160,7 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
 
         Returns
         -------
-        ndarray of shape (n_samples, 512), float32
+        ndarray of shape (n_samples, n_features_out_), float32
         """
         check_is_fitted(self, "weights_sha256_")
         features, ok, errors = self.extract(self._paths(X))
@@ -160,9 +171,10 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         return features
 
     def get_feature_names_out(self, input_features=None) -> np.ndarray:
-        """``resnet18_0`` ... ``resnet18_511``."""
+        """``<backbone>_0`` … (``resnet18_0`` … ``resnet18_511``)."""
         check_is_fitted(self, "weights_sha256_")
-        return np.asarray([f"resnet18_{i}" for i in range(FEATURE_DIM)], dtype=object)
+        prefix = paths.backbone_slug(self.backbone_)
+        return np.asarray([f"{prefix}_{i}" for i in range(self.n_features_out_)], dtype=object)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -218,7 +230,7 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
                         out[i] = batch.features[j].copy()
                         remembered(f"{settings}:{batch.sha1[j]}", feature=out[i])
         ok = np.asarray([i for i in range(len(full)) if out[i] is not None], dtype=np.int64)
-        feats = np.stack([out[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, FEATURE_DIM), np.float32)
+        feats = np.stack([out[i] for i in ok]).astype(np.float32) if len(ok) else np.zeros((0, self.n_features_out_), np.float32)
         return feats, ok, [(full[i], errors[i]) for i in sorted(errors)]
 
     # ------------------------------------------------------------------ pickling
@@ -254,7 +266,7 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
 
     def _weights(self) -> backbones.Weights:
         try:
-            return extraction.load_weights(self.weights, self.seed)
+            return extraction.load_weights(self.weights, self.seed, self.backbone)
         except UserError as exc:
             raise ValueError(f"weights={self.weights!r}: {exc}") from None
 
@@ -268,8 +280,8 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
 
     def _settings_key(self, precision: str) -> str:
         """Everything besides the image that shapes a feature, as a short digest."""
-        settings = {"backbone": backbones.BACKBONE, "weights_sha256": self.weights_sha256_, "precision": precision,
-                    "transform": data.describe_transforms(0, bool(self.draft))}
+        settings = {"backbone": self.backbone_, "weights_sha256": self.weights_sha256_, "precision": precision,
+                    "transform": data.describe_transforms(0, bool(self.draft), self._preprocess())}
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:32]
 
     def _extractor(self, device, precision: str) -> extraction.Extractor:
@@ -298,6 +310,9 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         raise ValueError(f"cache={self.cache!r} does not exist. Only a feature cache file (.h5), a cache folder "
                          "or None is supported.")
 
+    def _preprocess(self) -> dict:
+        return backbones.get_backbone(self.backbone_).preprocess()
+
     def _cache_index(self, precision: str) -> Dict[str, np.ndarray]:
         """sha1 -> feature over every cache file made with these weights, precision and transform.
 
@@ -305,7 +320,7 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
         """
         indexes = self.__dict__.setdefault("_cache_indexes", {})
         index: Dict[str, np.ndarray] = {}
-        want = data.describe_transforms(0, self.draft)
+        want = data.describe_transforms(0, self.draft, self._preprocess())
         for path in self._cache_files():
             st = os.stat(path)
             key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, self.weights_sha256_, precision,
@@ -327,3 +342,25 @@ class ResNet18Features(TransformerMixin, BaseEstimator):
                 indexes[key] = found
             index.update(indexes[key])
         return index
+
+
+class ResNet18Features(BackboneFeatures):
+    """:class:`BackboneFeatures` of the default backbone, ResNet18 (512-d features).
+
+    The same parameters, less ``backbone``; kept so that code and pickles written for it work.
+    """
+
+    backbone = DEFAULT_BACKBONE  # read by BackboneFeatures; not a parameter here
+
+    def __init__(self, weights: str = "imagenet", seed: int = 0, device: str = "auto", precision: str = "auto",
+                 batch_size: int = 0, cache: Optional[str] = None, root: Optional[str] = None, draft: bool = True,
+                 memory=None):
+        self.weights = weights
+        self.seed = seed
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.cache = cache
+        self.root = root
+        self.draft = draft
+        self.memory = memory

@@ -50,7 +50,7 @@ from .cv import (Fitted,
     ridge_path)
 from .saved import FORMATS, Head, head_pipeline, load_head
 from .stream import fit_out_of_core
-from ..paths import heads_dir
+from ..paths import for_backbone, heads_dir
 from ..records import FeaturesRef, HeadRecord, RecordError, WeightsRef
 from ..text import format_table
 
@@ -267,8 +267,8 @@ def features_path(cfg: HeadsConfig) -> str:
     from ..features import uptodate
     from ..config import FeaturesConfig
 
-    request = FeaturesConfig(data=cfg.data, cache=cfg.cache, weights=cfg.weights, device=cfg.device,
-                             precision=cfg.precision, views=cfg.views, seed=cfg.seed)
+    request = FeaturesConfig(data=cfg.data, cache=cfg.cache, backbone=cfg.backbone, weights=cfg.weights,
+                             device=cfg.device, precision=cfg.precision, views=cfg.views, seed=cfg.seed)
     path = uptodate.cache_path(request)  # straight after `features`: its stamp, without importing torch
     if path is not None:
         return path
@@ -296,8 +296,11 @@ def _chosen_heads(cfg: HeadsConfig) -> Tuple[str, ...]:
     return names
 
 
-def _file_name(name: str, cfg: HeadsConfig) -> str:
-    return name + ("-views" if cfg.use_views else "") + ("-ooc" if cfg.out_of_core else "")
+def _file_name(name: str, cfg: HeadsConfig, meta: dict) -> str:
+    """``[<backbone>-]<head>[-views][-ooc]``: heads of several backbones live side by side in one
+    folder; the default backbone's keep their plain names."""
+    return for_backbone(meta.get("backbone", ""), name + ("-views" if cfg.use_views else "")
+                        + ("-ooc" if cfg.out_of_core else ""))
 
 
 def _settings(spec: HeadSpec, cfg: HeadsConfig, meta: dict) -> dict:
@@ -392,7 +395,7 @@ def run(cfg: HeadsConfig) -> HeadsResult:
     todo = []
     for name in names:
         spec = REGISTRY[name]
-        found = None if cfg.rebuild else saved.find_saved(ctx.directory, _file_name(name, cfg),
+        found = None if cfg.rebuild else saved.find_saved(ctx.directory, _file_name(name, cfg, ctx.meta),
                                                              _settings(spec, cfg, meta))
         result.rows.append(None if found is None else HeadRow.of(found, reused=True))
         if found is None:
@@ -435,7 +438,7 @@ def _finish(ctx: HeadsRun, spec: HeadSpec, fitted: Fitted) -> HeadRow:
     est = model[-1]
     y_pred = model.predict(ctx.X_val)
     proba = model.predict_proba(ctx.X_val) if hasattr(model, "predict_proba") else None
-    name = _file_name(spec.name, cfg)
+    name = _file_name(spec.name, cfg, ctx.meta)
     data = saved.serialize(model, cfg.format)
     record = HeadRecord(
         name=name,
