@@ -23,7 +23,6 @@ if REPO not in sys.path:
 
 from pipeline import backbones  # noqa: E402
 from pipeline.features import extraction  # noqa: E402
-from pipeline.config import PREPROCESS  # noqa: E402
 
 # CPU flags that decide how fast this code can run (bf16 autocast is only a win with native bf16).
 FLAGS_THAT_MATTER = ("avx2", "avx512_f", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "bf16")
@@ -94,7 +93,8 @@ def forward_floor(weights, device: torch.device, precision: str, batch: int, n_i
     Best of ``repeats`` timings of ``n_images`` (rounded up to whole batches), after a warm-up batch.
     """
     model = backbones.feature_extractor(weights, device, channels_last)
-    x = torch.randn(batch, 3, PREPROCESS["crop"], PREPROCESS["crop"], device=device)
+    crop = weights.backbone.preprocess()["crop"]  # the input size of this backbone's extraction
+    x = torch.randn(batch, 3, crop, crop, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     steps = max(1, -(-n_images // batch))
@@ -112,18 +112,20 @@ def forward_floor(weights, device: torch.device, precision: str, batch: int, n_i
 
 
 def epoch_floor(device: torch.device, precision: str, n_train: int, n_val: int, train_batch: int,
-                val_batch: int, num_classes: int = 2, channels_last: bool = True) -> Dict[str, float]:
+                val_batch: int, num_classes: int = 2, channels_last: bool = True,
+                backbone: str = "resnet18") -> Dict[str, float]:
     """Seconds of one end-to-end epoch's compute on random tensors: forward + backward + SGD step
-    of the whole ResNet18 (what ``finetune``/``scratch`` train) at ``train_batch`` over ``n_train``
+    of the whole network (what ``finetune``/``scratch`` train) at ``train_batch`` over ``n_train``
     images, plus the val forward at ``val_batch`` over ``n_val`` images. A warm-up step first."""
-    model = backbones.build_model(None, num_classes=num_classes).to(device)
+    model = backbones.build_model(None, num_classes=num_classes, backbone=backbone).to(device)
+    crop = backbones.get_backbone(backbone).preprocess()["crop"]
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def images(n):
-        return torch.randn(n, 3, PREPROCESS["crop"], PREPROCESS["crop"], device=device).contiguous(memory_format=fmt)
+        return torch.randn(n, 3, crop, crop, device=device).contiguous(memory_format=fmt)
 
     def sizes(n, batch):  # the loader's batches: full ones, then the remainder
         return [batch] * (n // batch) + ([n % batch] if n % batch else [])

@@ -23,10 +23,11 @@ def _cfg(data, cache, **kw) -> FeaturesConfig:
 
 
 @pytest.mark.slow  # the export alone takes about 10 s on 2 cores
-def test_onnxruntime_features_equal_torch_fp32_and_export_once(tmp_path, small_images, monkeypatch):
+@pytest.mark.parametrize("backbone", ["resnet18", "timm:mobilenetv3_small_050"])
+def test_onnxruntime_features_equal_torch_fp32_and_export_once(tmp_path, small_images, monkeypatch, backbone):
     data = make_dataset(tmp_path / "data", n_train=2, n_val=1)
-    ref = features.run(_cfg(data, tmp_path / "torch", precision="fp32"))
-    ort = features.run(_cfg(data, tmp_path / "ort", precision="fp32", engine="onnxruntime"))
+    ref = features.run(_cfg(data, tmp_path / "torch", precision="fp32", backbone=backbone))
+    ort = features.run(_cfg(data, tmp_path / "ort", precision="fp32", engine="onnxruntime", backbone=backbone))
     assert os.path.basename(ort.path) == os.path.basename(ref.path)  # the same fp32 cache key
     assert store.read_meta(ort.path)["extract_engine"] == "onnxruntime"
     for split in ("train", "val"):
@@ -41,7 +42,8 @@ def test_onnxruntime_features_equal_torch_fp32_and_export_once(tmp_path, small_i
         raise AssertionError("exported twice")
 
     monkeypatch.setattr(torch.onnx, "export", no_export)
-    again = features.run(_cfg(data, tmp_path / "ort", precision="fp32", engine="onnxruntime", rebuild=True))
+    again = features.run(_cfg(data, tmp_path / "ort", precision="fp32", engine="onnxruntime", rebuild=True,
+                              backbone=backbone))
     assert again.computed == 6
 
 
