@@ -19,13 +19,14 @@ HEAD    ?=
 RUN     ?=
 OUT     ?=
 CURVE   ?= 1
+MARGIN  ?=
 
 DATA_OPT := $(if $(DATA_DIR),--data $(DATA_DIR))
 COMMON   := $(DATA_OPT) --cache $(CACHE_DIR) --weights $(WEIGHTS) --device $(DEVICE)
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: DATA_DIR WEIGHTS=imagenet|random|PATH DEVICE=auto|cpu|cuda EPOCHS MODES HEADS VIEWS CURVE CACHE_DIR HEAD RUN OUT"
+	@echo "  variables: DATA_DIR WEIGHTS=imagenet|random|PATH DEVICE=auto|cpu|cuda EPOCHS MODES HEADS VIEWS CURVE MARGIN CACHE_DIR HEAD RUN OUT"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,8 +46,8 @@ finetune: $(STAMP)  ## end-to-end training runs (MODES="finetune scratch")
 	@for mode in $(MODES); do \
 	  $(PY) -m pipeline finetune $(COMMON) --mode $$mode --epochs $(EPOCHS) || exit $$?; done
 
-compare: heads finetune  ## run what is missing, then write reports/compare/ (CURVE=0 skips the data-size curve)
-	$(PY) -m pipeline compare --cache $(CACHE_DIR) $(DATA_OPT) $(if $(filter 0,$(CURVE)),--no-curve)
+compare: heads finetune  ## run what is missing, then write reports/compare/ (CURVE=0 skips the data-size curve; MARGIN=0.05 sets the non-inferiority margin)
+	$(PY) -m pipeline compare --cache $(CACHE_DIR) $(DATA_OPT) $(if $(filter 0,$(CURVE)),--no-curve) $(if $(MARGIN),--margin $(MARGIN))
 
 export: $(STAMP)  ## one ONNX classifier: compare's recommendation, or HEAD=NAME / RUN=MODE[-SEED]
 	$(PY) -m pipeline export $(if $(HEAD)$(RUN),$(if $(HEAD),--head $(HEAD)) $(if $(RUN),--run $(RUN)),--recommended) \

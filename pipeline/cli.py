@@ -245,6 +245,10 @@ def _add_compare(sub) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha,
                    help="family-wise significance level of the exact McNemar tests between every pair of "
                         "methods, Holm-corrected (default: %(default)s)")
+    p.add_argument("--margin", type=float, default=d.margin,
+                   help="non-inferiority margin in accuracy (0.03 = 3 points): the answer is the cheapest method "
+                        "whose paired difference to the most accurate has a 95%% CI above -margin "
+                        "(default: %(default)s)")
     p.add_argument("--no-curve", dest="curve", action="store_false",
                    help="skip the heads' data-size curve (val accuracy vs labelled images per class)")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="write the report without figures")

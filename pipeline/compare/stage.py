@@ -29,7 +29,7 @@ from ..features import store
 from ..heads.stage import REGISTRY
 from ..paths import heads_dir, report_dir, runs_dir
 from . import curve as curve_mod, plots, report
-from .report import CompareResult, CurveReport
+from .report import CompareResult, CurveReport, Decision
 from .results import (NOT_PRETRAINED, Result, Row, choose_reference, correct_matrix, load_results, make_rows,
                       mean_std, split_comparable)
 
@@ -119,24 +119,48 @@ def _change_sentence(cheapest: List[dict]) -> str:
             + "; ".join(parts) + ".")
 
 
-def _decide(rows: List[Row], paths: Sequence[str], alpha: float):
-    """All-pairs tests over the rows; marks the top group and the recommendation; orders rows."""
+def _decide(rows: List[Row], paths: Sequence[str], alpha: float, margin: float) -> Optional[Decision]:
+    """Which wins (all pairs, every seed, Holm), each row's gap to the most accurate with its CI,
+    and the answer: the cheapest row non-inferior to the most accurate within ``margin``.
+    Orders ``rows`` (top group first, cheapest first, then by accuracy)."""
     if not rows:
-        return None, None
-    pw = metrics.pairwise_mcnemar(correct_matrix([r.representative for r in rows], paths),
-                                  [r.label for r in rows], alpha)
+        return None
+    corrects = {id(r): correct_matrix(r.results, paths) for r in rows}
+    costs = [r.total_seconds for r in rows]
+    labels = [r.label for r in rows]
+    pw = metrics.pairwise_seeds([corrects[id(r)] for r in rows], labels, alpha)
     for i, row in enumerate(rows):
         row.top = i in pw.top_group
         row.beaten_by = [rows[j].label for j in pw.beaten_by[i]]
-    best = metrics.cheapest(pw.top_group, [r.total_seconds for r in rows], [r.label for r in rows])
-    rows[best].recommended = True
+    best = min(range(len(rows)), key=lambda i: (-rows[i].accuracy, costs[i], labels[i]))
+    for i, row in enumerate(rows):
+        row.best = i == best
+        row.gap = (metrics.difference(corrects[id(row)], corrects[id(rows[best])]) if i != best
+                   else metrics.Difference(0.0, 0.0, 0.0, (0.0, 0.0, 0.0, 0.0), 0.0, 1.0))
+        row.noninferior = row.best or row.gap.low > -margin
+    rec = metrics.cheapest([i for i, r in enumerate(rows) if r.noninferior], costs, labels)
+    not_worse = metrics.cheapest([i for i, r in enumerate(rows) if r.best or r.gap.high >= 0], costs, labels)
+    rows[rec].recommended = True
+    decision = Decision(margin=margin, best=rows[best], recommended=rows[rec], not_shown_worse=rows[not_worse],
+                        n_val=len(paths))
+    cheaper = metrics.cheapest([i for i in range(len(rows)) if costs[i] < costs[best]], costs, labels)
+    candidate = (rows[not_worse] if not_worse != best and costs[not_worse] < costs[rec]
+                 else rows[rec] if rec != best else rows[cheaper] if cheaper is not None else None)
+    if candidate is not None:
+        decision.candidate = candidate
+        decision.sample_size = metrics.noninferior_sample_size(candidate.gap.discordance, margin)
+        decision.sample_size_at_gap = metrics.noninferior_sample_size(candidate.gap.discordance, margin,
+                                                                      gap=candidate.gap.diff)
+    shown = {r.device for r in (rows[best], rows[rec], rows[not_worse], candidate) if r is not None}
+    decision.devices = sorted(d for d in shown if d)
     order = sorted(range(len(rows)), key=lambda i: (not rows[i].top, rows[i].total_seconds if rows[i].top else 0,
                                                     -rows[i].accuracy, rows[i].label))
     rows[:] = [rows[i] for i in order]
     # Keep the test object's names and indices in the new row order.
-    pw = metrics.pairwise_mcnemar(correct_matrix([r.representative for r in rows], paths),
-                                  [r.label for r in rows], alpha)
-    return pw, rows[[r.recommended for r in rows].index(True)]
+    decision.pairwise = metrics.pairwise_seeds([corrects[id(r)] for r in rows], [r.label for r in rows], alpha)
+    decision.differences = [metrics.difference(corrects[id(rows[t.i])], corrects[id(rows[t.j])])
+                            for t in decision.pairwise.tests]
+    return decision
 
 
 def _pca_panels(rows: List[Row]) -> List[plots.PcaPanel]:
@@ -169,9 +193,10 @@ def run(cfg: CompareConfig) -> CompareResult:
     runs_k = [r for r in comparable if r.kind == "run" and r.train_per_class]
     rows = make_rows([r for r in comparable if not (r.kind == "run" and r.train_per_class)])
     paths = sorted(ref.paths)
-    pairwise, recommended = _decide(rows, paths, cfg.alpha)
-    res = CompareResult(rows=rows, excluded=excluded, skipped=skipped, alpha=cfg.alpha, pairwise=pairwise,
-                        recommended=recommended,
+    decision = _decide(rows, paths, cfg.alpha, cfg.margin)
+    res = CompareResult(rows=rows, excluded=excluded, skipped=skipped, alpha=cfg.alpha,
+                        pairwise=decision.pairwise if decision else None,
+                        recommended=decision.recommended if decision else None, decision=decision,
                         reference={"data_root": ref.data_root, "classes": list(ref.classes), "n_val": ref.n})
     if cfg.curve:
         res.curve = _curve_report(rows, runs_k, cfg.alpha, seed=0)
