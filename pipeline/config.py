@@ -241,6 +241,9 @@ class FinetuneConfig:
     # "holdout:F" (the best epoch on a stratified, seeded fraction F of train). Never val.
     select: str = "final"
     train_per_class: int = 0  # >0: train on K seeded images per class (a data-size curve point)
+    # Val pass every N epochs during training (learning curves, the best-val column: diagnostics,
+    # timed apart from training); 0: the final epoch only. The result is scored on val either way.
+    eval_every: int = 1
     workers: int = -1  # -1: automatic; results do not depend on it
     threads: int = 0  # CPU threads for the network; 0: torch's default (one per physical core)
     channels_last: bool = True
@@ -271,6 +274,7 @@ class FinetuneConfig:
                 f"largest value {f32.split()[0]} within {self.epochs} epochs; use a smaller {{lr}} or {{gamma}}",
                 "lr", "gamma")
         _interval(self, "train_per_class", 0, rule=">= 0 (0: every train image)")
+        _interval(self, "eval_every", 0, rule=">= 0 (0: the final epoch only)")
         try:
             parse_select(self.select)
         except ValueError as exc:

@@ -253,13 +253,40 @@ def test_runs_on_k_images_per_class_are_curve_points_not_table_rows(tmp_path, ti
     assert e2e.mean[0] == pytest.approx(7 / 8) and e2e.std[0] == 0.0
     at2 = next(c for c in curve.cheapest if c["k"] == 2)
     assert "fixed (end-to-end)" in at2["top_group"]
-    assert curve.sentence.startswith("Data-size curve: the cheapest method of the top group")
+    assert curve.sentence.startswith("Data-size curve: the cheapest method non-inferior to the most accurate within "
+                                     "3 points (tested separately at each k")
     doc = json.loads(_report(tmp_path, "compare.json").read_text())["data_size_curve"]
     assert doc["ks"] == [1, 2, 4, 6] and len(doc["heads"]["ridge"]) == 4 and doc["end_to_end"]["fixed"][0]["k"] == 2
     assert doc["heads"]["ridge"][1]["n_subsets"] == 5
     rows = list(csv.DictReader(_report(tmp_path, "compare.csv").open()))
     assert sum(r["row_type"] == "curve" for r in rows) == 2 * 4 + 1
     assert "## Data-size curve" in _report(tmp_path).read_text()
+
+
+def test_curve_runs_at_any_k_are_tested_at_their_own_cost_and_heads_of_one_name_stay_apart(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _val_items(tiny_data)
+    feats = write_feature_cache(cache, tiny_data)
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats, extract_seconds=20.0)
+    other = write_head(cache, "logistic", items, (1,), data_root=str(tiny_data), features_path=feats)
+    other.rename(other.with_name("logistic-again.json"))
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats, extract_seconds=20.0)
+    for seed in (0, 1, 2):  # k = 3: not a power of two
+        write_run(cache, "fixed", seed, items, (seed,), data_root=str(tiny_data), train_per_class=3,
+                  name=f"fixed-k3-{seed}", total_seconds=50.0, eval_seconds=10.0)
+    res = compare.run(_cfg(tmp_path, cache, curve=True, figures=False))
+    curve = res.curve
+    assert 3 in curve.curve.ks
+    heads = [s.label for s in curve.series if s.kind == "head"]
+    assert len(heads) == 2 and len(set(heads)) == 2  # two rows, two series
+    at3 = next(c for c in curve.cheapest if c["k"] == 3)
+    assert "fixed (end-to-end)" in at3["top_group"]
+    # A head's cost at k: extraction of its 6 train images (20 s over 20 images) + its fit at k=3.
+    j = curve.curve.ks.index(3)
+    fit = curve.curve.fit_seconds[0, j]
+    assert at3["costs"][heads[0]] == pytest.approx(20.0 * 6 / 20 + fit)
+    assert at3["costs"]["fixed (end-to-end)"] == pytest.approx(40.0)  # its training, val passes apart
+    assert "tested separately at each k" in curve.sentence
 
 
 # --------------------------------------------------------------------------- the report and figures

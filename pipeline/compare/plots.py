@@ -149,7 +149,7 @@ def accuracy_vs_time(points: Sequence[Point], path: str, title_note: str = "") -
 
     Filled markers: the top group (no other method beats them significantly, Holm-adjusted
     McNemar); hollow: beaten significantly by some method; star: the recommendation (the
-    cheapest member of the top group), whose interval is the shaded band.
+    cheapest row non-inferior to the most accurate), whose interval is the shaded band.
     """
     if not points:
         return None

@@ -57,7 +57,7 @@ class CurveReport:
 
     def to_json(self) -> dict:
         doc = curve_mod.to_json(self.curve)
-        doc.update(features_path=self.features_path, cheapest_top_group=self.cheapest, sentence=self.sentence,
+        doc.update(features_path=self.features_path, answer_by_k=self.cheapest, sentence=self.sentence,
                    end_to_end={s.label: [{"k": k, "mean": m, "std": sd, "seeds": n}
                                          for k, m, sd, n in zip(s.k, s.mean, s.std, s.n)]
                                for s in self.series if s.kind == "run"})
@@ -66,10 +66,12 @@ class CurveReport:
     def markdown(self) -> str:
         c = self.curve
         mean, std = c.mean_std()
-        header = ["head"] + [f"k={k}" for k in c.ks]
-        lines = [[name] + [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean[i], std[i])] for i, name in enumerate(c.heads)]
+        header = ["method"] + [f"k={k}" for k in c.ks]
+        lines = []
         for s in self.series:
-            if s.kind == "run":
+            if s.kind == "head":
+                lines.append([s.label] + [f"{m:.3f} ± {sd:.3f}" for m, sd in zip(s.mean, s.std)])
+            else:
                 cells = {k: f"{m:.3f} ± {sd:.3f} ({n} seed{'s' if n != 1 else ''})"
                          for k, m, sd, n in zip(s.k, s.mean, s.std, s.n)}
                 lines.append([f"{s.label} (end-to-end)"] + [cells.get(k, "") for k in c.ks])

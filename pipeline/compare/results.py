@@ -72,7 +72,8 @@ class Result:
     seed: Optional[int] = None
     epochs: Optional[int] = None
     head: str = ""  # heads: the registry name (logistic, ridge, ...)
-    extract_seconds: float = 0.0  # heads: the whole extraction of their feature cache
+    extract_seconds: float = 0.0  # heads: the extraction of their feature cache they are charged
+    extract_images: int = 0  # heads: the images that extraction covered
     features_path: str = ""  # heads: the feature cache they were fitted on
     features_key: str = ""  # heads: content key of that cache
     used_views: bool = False  # heads: also trained on cached augmented views
@@ -135,7 +136,8 @@ def _load_head(path: str, doc: dict) -> Result:
         predict_ms=backbone_ms + rec.predict_us_per_image / 1000.0,
         trainable_parameters=rec.trainable_parameters,
         device=feats.extract_device, head=str(rec.settings.get("head", rec.name)),
-        extract_seconds=feats.extract_seconds, features_path=feats.path, features_key=feats.content_key,
+        extract_seconds=feats.extract_seconds, extract_images=feats.n_images, features_path=feats.path,
+        features_key=feats.content_key,
         used_views=rec.used_views,
     )
 
