@@ -56,7 +56,7 @@ def _weights(weights_id: str) -> WeightsRef:
     return WeightsRef("imagenet", "ab" * 32)
 
 
-def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrained=True) -> str:
+def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrained=True, views=0) -> str:
     rng = np.random.default_rng(0)
     splits = {}
     for split in ("train", "val"):
@@ -64,7 +64,8 @@ def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrain
         for label, name in enumerate(CLASSES):
             for f in sorted((data / split / name).iterdir()):
                 feat = (rng.normal(0, 1, 512) + 3 * label).astype(np.float32)
-                rows.append(store.Row(f"{split}/{name}/{f.name}", "0" * 40, 1, 1, feat))
+                rows.append(store.Row(f"{split}/{name}/{f.name}", "0" * 40, 1, 1, feat,
+                                      views=np.repeat(feat[None], views, 0) if views and split == "train" else None))
                 labels.append(label)
         splits[split] = store.SplitRows(rows, labels)
     path = str(cache / "features" / f"data-{weights_id}.h5")
@@ -77,7 +78,7 @@ def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrain
 
 def write_head(cache: Path, name: str, items, wrong=(), *, data_root: str, classes=CLASSES,
                features_path: str = "", weights_id="imagenet", pretrained=True, extract_seconds=30.0,
-               fit_seconds=0.5, paths: Optional[List[str]] = None) -> Path:
+               fit_seconds=0.5, paths: Optional[List[str]] = None, used_views=False) -> Path:
     assert pretrained == (not weights_id.startswith("random"))
     paths = paths if paths is not None else [p for p, _ in items]
     y_true = [y for _, y in items]
@@ -89,7 +90,7 @@ def write_head(cache: Path, name: str, items, wrong=(), *, data_root: str, class
                              weights=_weights(weights_id), backbone="resnet18", precision="fp32",
                              extract_seconds=extract_seconds, extract_device="cpu", n_images=20),
         classes=list(classes), data_root=data_root, model_file=f"{name}.joblib", format="joblib",
-        sha256="0" * 64, size_bytes=1000, versions={}, created="2024-01-01T00:00:00", used_views=False,
+        sha256="0" * 64, size_bytes=1000, versions={}, created="2024-01-01T00:00:00", used_views=used_views,
         has_proba=False, settings={})
     path = cache / "heads" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -580,6 +581,23 @@ def test_the_same_setting_and_seed_twice_counts_once_with_a_warning(tmp_path, ti
     with pytest.warns(UserWarning, match="same setting and seed 0"):
         res = compare.run(_cfg(tmp_path, cache, figures=False))
     assert [r.seeds for r in res.rows] == [1]
+
+
+def test_augmented_views_are_charged_only_to_the_heads_trained_on_them(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _val_items(tiny_data)
+    feats = write_feature_cache(cache, tiny_data, views=3)
+    meta = store.read_meta(feats)["splits"]
+    n_all, n_train = meta["train"]["n"] + meta["val"]["n"], meta["train"]["n"]
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats, fit_seconds=0.0)
+    path = write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats,
+                      fit_seconds=0.0, used_views=True)
+    path.rename(path.with_name("logistic-views.json"))
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats, fit_seconds=0.0)
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    by = {r.results[0].used_views: r for r in res.rows}
+    assert by[True].total_seconds == pytest.approx(30.0) and "+views" in by[True].label
+    assert by[False].total_seconds == pytest.approx(30.0 * n_all / (n_all + 3 * n_train))
 
 
 def test_val_passes_are_shown_apart_and_not_charged(tmp_path, tiny_data):

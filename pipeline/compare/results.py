@@ -30,11 +30,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import UserError
+from ..features import store
 from ..paths import RUN_HISTORY, RUN_METRICS, heads_dir, runs_dir
 from ..records import HeadRecord, RecordError, RunRecord, read_json, run_setting
 
 __all__ = ["NOT_PRETRAINED", "Result", "Row", "weights_label", "load_results", "choose_reference",
-           "split_comparable", "setting_key", "make_rows", "correct_matrix", "mean_std"]
+           "split_comparable", "views_share", "setting_key", "make_rows", "correct_matrix", "mean_std"]
 
 NOT_PRETRAINED = "not pretrained"
 
@@ -122,21 +123,38 @@ def weights_label(weights_id: str, pretrained: bool) -> str:
     return weights_id if pretrained else f"{weights_id} ({NOT_PRETRAINED})"
 
 
+def views_share(features_path: str) -> float:
+    """The share of a feature cache's extraction spent on augmented views, by forward passes:
+    ``K * n_train / (n_images + K * n_train)`` for ``K`` views of each train image (each view is
+    one more pass of the same network over the same image size); 0 without views or without the
+    file."""
+    try:
+        splits = store.read_meta(features_path)["splits"]
+    except Exception:  # a moved or damaged cache: charge in full, as before
+        return 0.0
+    plain = sum(info["n"] for info in splits.values())
+    views = sum(info["n"] * info["views"] for info in splits.values())
+    return views / (plain + views) if plain + views else 0.0
+
+
 def _load_head(path: str, doc: dict) -> Result:
     rec = HeadRecord.from_json(doc)
     feats = rec.features
     if rec.metrics["n"] == 0:
         raise _Skip("no val images were evaluated (n=0)")
     backbone_ms = 1000.0 * feats.extract_seconds / feats.n_images if feats.n_images > 0 else 0.0
+    # Augmented views are charged only to the heads trained on them.
+    share = 0.0 if rec.used_views or not feats.path or not os.path.isfile(feats.path) else views_share(feats.path)
+    extract = feats.extract_seconds * (1.0 - share)
     return Result(
         kind="head", name=rec.name, method=rec.name, source=path,
         metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
         weights_id=feats.weights.id, weights_sha256=feats.weights.sha256, pretrained=feats.weights.pretrained,
-        total_seconds=feats.extract_seconds + rec.fit_seconds, train_seconds=rec.fit_seconds,
+        total_seconds=extract + rec.fit_seconds, train_seconds=rec.fit_seconds,
         predict_ms=backbone_ms + rec.predict_us_per_image / 1000.0,
         trainable_parameters=rec.trainable_parameters,
         device=feats.extract_device, head=str(rec.settings.get("head", rec.name)),
-        extract_seconds=feats.extract_seconds, extract_images=feats.n_images, features_path=feats.path,
+        extract_seconds=extract, extract_images=feats.n_images, features_path=feats.path,
         features_key=feats.content_key,
         used_views=rec.used_views,
     )
