@@ -767,3 +767,19 @@ def test_a_kill_at_any_write_step_leaves_the_previous_report_whole(tmp_path, res
     assert proc.returncode == 0
     hidden = [p.name for p in (tmp_path / "reports").iterdir() if p.name.startswith(".compare-")]
     assert hidden == [os.readlink(target)]  # the leftovers of the killed runs are gone
+
+
+def test_make_compare_passes_margin_through(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "-C", str(root), "compare", "MARGIN=0.05", "PY=python"], capture_output=True,
+                         text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if "pipeline compare" in l)
+    assert "--margin 0.05" in line
+    plain = subprocess.run(["make", "-n", "-C", str(root), "compare", "PY=python"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "--margin" not in next(l for l in plain.splitlines() if "pipeline compare" in l)

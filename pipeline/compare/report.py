@@ -133,8 +133,9 @@ class CompareResult:
     """What ``run`` decided and wrote.
 
     ``rows`` are ordered top group first (cheapest first), then by val accuracy; ``pairwise``
-    holds every pair's test (names: the row labels); ``recommended`` is the cheapest top-group
-    row. ``outputs``/``figures`` name the files of the published set.
+    holds every pair's test (names: the row labels); ``recommended`` is the cheapest row
+    non-inferior to the most accurate within the margin, and ``decision`` the numbers behind it.
+    ``outputs``/``figures`` name the files of the published set.
     """
 
     rows: List[Row]
@@ -262,7 +263,7 @@ def _pts(x: float) -> str:
     return f"{100 * x:g} points"
 
 
-def answer(d: Decision, alpha: float = 0.05) -> List[str]:
+def answer(d: Decision) -> List[str]:
     """The answer line (always with the recommended row's gap to the most accurate and its CI) and
     the val-size sentence."""
     rec, best, nsw = d.recommended, d.best, d.not_shown_worse
@@ -308,7 +309,7 @@ def notes(res: CompareResult) -> List[str]:
     out = []
     top = [r for r in res.rows if r.top]
     if res.decision is not None:
-        out.extend(answer(res.decision, res.alpha))
+        out.extend(answer(res.decision))
         out.append(f"Top group (no other method is significantly better; all-pairs exact paired tests over every "
                    f"seed, Holm-corrected, alpha {res.alpha:g}): " + ", ".join(r.label for r in top) + ".")
     if res.curve is not None and res.curve.sentence:
@@ -473,7 +474,7 @@ def json_doc(res: CompareResult) -> dict:
                       "one_sided_alpha": 0.025,
                       "formula": "n = (z_0.975 + z_0.8)^2 (psi - gap^2) / (gap + margin)^2"}
                      if res.decision and res.decision.candidate is not None else None),
-        "answer": answer(res.decision, res.alpha) if res.decision else [],
+        "answer": answer(res.decision) if res.decision else [],
         "selection_rule": ("heads: hyper-parameter by CV on train; runs: final epoch or --select holdout:F on "
                            "held-out train images; every accuracy scored once on val"),
         "compute_time_rule": ("head: extraction of its feature cache (shared, charged to each head in full; "
