@@ -104,7 +104,10 @@ class Decision:
     not_shown_worse : Row
         The cheapest row whose gap CI reaches 0 (not shown worse than ``best``).
     candidate : Row or None
-        The cheaper row the val-size sentence is about (None: nothing cheaper than ``best``).
+        The row the val-size sentence is about: the cheaper row in question, or with nothing
+        cheaper than ``best`` the next cheapest row (None: a single row).
+    cheaper : Row or None
+        The cheapest row cheaper than ``best`` (None: ``best`` is the cheapest).
     sample_size, sample_size_at_gap : int or None
         Val images that would certify ``candidate`` within ``margin`` at its observed disagreement
         rate with ``best`` (80% power, one-sided 2.5%), if the true gap were 0 / the observed
@@ -121,6 +124,7 @@ class Decision:
     not_shown_worse: Row
     n_val: int
     candidate: Optional[Row] = None
+    cheaper: Optional[Row] = None
     sample_size: Optional[int] = None
     sample_size_at_gap: Optional[int] = None
     devices: List[str] = field(default_factory=list)
@@ -281,10 +285,10 @@ def answer(d: Decision) -> List[str]:
         line = (f"{head}, the most accurate method ({rec.accuracy:.3f}, gap +0.000), is recommended because "
                 f"no cheaper method is certified within {m} on these {d.n_val} val images: the cheapest not "
                 f"shown worse, {nsw.label}, is {gap(nsw)} behind it, so it may be up to {-nsw.gap.low:.3f} worse.")
-    elif d.candidate is not None:
+    elif d.cheaper is not None:
         line = (f"{head}, the most accurate method ({rec.accuracy:.3f}, gap +0.000), is recommended because every "
                 f"cheaper method is shown worse and none is certified within {m}: the cheapest, "
-                f"{d.candidate.label}, is {gap(d.candidate)} behind it.")
+                f"{d.cheaper.label}, is {gap(d.cheaper)} behind it.")
     else:
         line = (f"{head}, the most accurate method ({rec.accuracy:.3f}, gap +0.000) and also the cheapest, is "
                 "recommended.")
@@ -300,7 +304,7 @@ def answer(d: Decision) -> List[str]:
         out.append(f"Val size: certifying {c.label} within {m} of {best.label} at their observed disagreement "
                    f"rate ({c.gap.discordance:.1%} of val images) needs about {d.sample_size} val images if the "
                    f"two are truly equally accurate ({at_gap}; 80% power, one-sided 2.5%); this val set has "
-                   f"{d.n_val}.")
+                   f"{d.n_val}" + (", and it certified it." if c.noninferior else "."))
     return out
 
 

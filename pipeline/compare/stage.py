@@ -168,8 +168,13 @@ def _decide(rows: List[Row], paths: Sequence[str], alpha: float, margin: float) 
     decision = Decision(margin=margin, best=rows[best], recommended=rows[rec], not_shown_worse=rows[not_worse],
                         n_val=len(paths))
     cheaper = metrics.cheapest([i for i in range(len(rows)) if costs[i] < costs[best]], costs, labels)
+    decision.cheaper = rows[cheaper] if cheaper is not None else None
+    # The val-size sentence is about the cheaper row in question; with none cheaper than the most
+    # accurate, about the next cheapest row (what certifying it as an alternative would take).
+    runner_up = metrics.cheapest([i for i in range(len(rows)) if i != best], costs, labels)
     candidate = (rows[not_worse] if not_worse != best and costs[not_worse] < costs[rec]
-                 else rows[rec] if rec != best else rows[cheaper] if cheaper is not None else None)
+                 else rows[rec] if rec != best else rows[cheaper] if cheaper is not None
+                 else rows[runner_up] if runner_up is not None else None)
     if candidate is not None:
         decision.candidate = candidate
         decision.sample_size = metrics.noninferior_sample_size(candidate.gap.discordance, margin)
