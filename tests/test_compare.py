@@ -734,7 +734,7 @@ def test_cli_compare_help_lists_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--help"])
     out = capsys.readouterr().out
-    for option in ("--cache", "--reports", "--data", "--alpha", "--no-curve", "--no-figures"):
+    for option in ("--cache", "--reports", "--data", "--alpha", "--margin", "--no-curve", "--no-figures"):
         assert option in out
 
 
