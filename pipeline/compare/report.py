@@ -298,12 +298,13 @@ def answer(d: Decision) -> List[str]:
     out = [line]
     c = d.candidate
     if c is not None:
-        at_gap = (f"{d.sample_size_at_gap} if the true gap is the observed {c.gap.diff:+.3f}"
+        at_gap = ("" if abs(c.gap.diff) < 1e-12 else
+                  f"{d.sample_size_at_gap} if the true gap is the observed {c.gap.diff:+.3f}; "
                   if d.sample_size_at_gap is not None else
-                  f"none would if the true gap is the observed {c.gap.diff:+.3f} (beyond the margin)")
+                  f"none would if the true gap is the observed {c.gap.diff:+.3f}, beyond the margin; ")
         out.append(f"Val size: certifying {c.label} within {m} of {best.label} at their observed disagreement "
                    f"rate ({c.gap.discordance:.1%} of val images) needs about {d.sample_size} val images if the "
-                   f"two are truly equally accurate ({at_gap}; 80% power, one-sided 2.5%); this val set has "
+                   f"two are truly equally accurate ({at_gap}80% power, one-sided 2.5%); this val set has "
                    f"{d.n_val}" + (", and it certified it." if c.noninferior else "."))
     return out
 
