@@ -2,15 +2,18 @@
 
 ``run(cfg)`` reads every head and end-to-end result under ``cfg.cache``
 (:mod:`pipeline.compare.results`: loading, comparability, rows), decides which wins with a test
-that is valid after selection (:mod:`pipeline.metrics`: all-pairs exact McNemar with the
-Holm correction; the top group; its cheapest member is the answer), measures the data-size
-axis (:mod:`pipeline.compare.curve`), and writes the report as one set
+that is valid after selection (:mod:`pipeline.metrics`: all-pairs exact paired tests over every
+seed with the Holm correction; the top group), measures each row's paired gap to the most
+accurate row with Newcombe's 95% interval and answers with the cheapest row non-inferior within
+``cfg.margin``, measures the data-size axis (:mod:`pipeline.compare.curve`), and writes the
+report as one set
 (:mod:`pipeline.compare.report`): ``<reports>/compare/compare.md`` (table + figures),
 ``compare.csv`` and ``compare.json``.
 
-Nothing here is chosen on val: heads chose their hyper-parameters by CV on train, runs report
+No model is chosen on val: heads chose their hyper-parameters by CV on train, runs report
 their final (or held-out-selected) epoch, and the tests compare every pair instead of testing
-a maximum picked on val. The tutorial's best-val-epoch numbers appear only in their own,
+a maximum picked on val. The recommendation is the one choice made on val (the most accurate
+row is a maximum over the rows), and the report says so. The tutorial's best-val-epoch numbers appear only in their own,
 labelled column.
 """
 from __future__ import annotations
