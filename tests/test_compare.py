@@ -783,3 +783,18 @@ def test_make_compare_passes_margin_through(tmp_path):
     plain = subprocess.run(["make", "-n", "-C", str(root), "compare", "PY=python"], capture_output=True, text=True,
                            check=True).stdout
     assert "--margin" not in next(l for l in plain.splitlines() if "pipeline compare" in l)
+
+
+def test_seeds_of_a_random_init_drawn_from_the_seed_form_one_row(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _items()
+    for seed in (0, 1, 2):
+        write_run(cache, "scratch", seed, items, range(seed + 10), data_root=str(tiny_data),
+                  weights_id=f"random-seed{seed}", pretrained=False)
+    write_run(cache, "scratch", 0, items, (), data_root=str(tiny_data), weights_id="random-seed7", pretrained=False,
+              name="scratch-other-init")
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    seeds = sorted(r.seeds for r in res.rows)
+    assert seeds == [1, 3]
+    row = next(r for r in res.rows if r.seeds == 3)
+    assert row.weights_label == "random-seed0,1,2 (not pretrained)"

@@ -370,9 +370,17 @@ class Row:
         return float(np.mean(accs)), [r.best_val_epoch for r in self.results]
 
 
+def _seeded_random(r: Result) -> bool:
+    """Random init drawn from the run's own seed (``--weights random``, ``scratch``): the weights
+    differ with the seed by design, so they are part of the seed, not of the setting."""
+    return not r.pretrained and r.seed is not None and r.weights_id == f"random-seed{r.seed}"
+
+
 def setting_key(r: Result) -> tuple:
-    """What makes runs one setting (one row): everything but the seed."""
-    return (r.kind, r.method, r.weights_id, r.epochs, r.selection, r.train_per_class,
+    """What makes runs one setting (one row): everything but the seed (and a random init drawn
+    from the seed)."""
+    weights = "random-seed<seed>" if _seeded_random(r) else r.weights_id
+    return (r.kind, r.method, weights, r.epochs, r.selection, r.train_per_class,
             tuple(sorted((k, repr(v)) for k, v in r.setting.items())))
 
 
@@ -403,7 +411,9 @@ def make_rows(results: List[Result]) -> List[Row]:
         bal, bal_std = mean_std([r.balanced_accuracy for r in members])
         params = {r.trainable_parameters for r in members}
         rows.append(Row(
-            label=first.method, kind=first.kind, method=first.method, weights_id=first.weights_id,
+            label=first.method, kind=first.kind, method=first.method,
+            weights_id=(first.weights_id if len({r.weights_id for r in members}) == 1
+                        else "random-seed" + ",".join(str(r.seed) for r in members)),
             pretrained=first.pretrained, results=members, representative=first,
             accuracy=acc, accuracy_std=acc_std, balanced_accuracy=bal, balanced_accuracy_std=bal_std,
             total_seconds=mean_std([r.total_seconds for r in members])[0],
