@@ -21,6 +21,7 @@ HEAD    ?=
 RUN     ?=
 OUT     ?=
 CURVE   ?= 1
+MARGIN  ?=
 
 DATA_OPT := $(if $(DATA_DIR),--data $(DATA_DIR))
 comma := ,
@@ -34,7 +35,7 @@ EACH_BACKBONE := for spec in $(BACKBONES); do b=$${spec%%=*}; w=$(WEIGHTS); \
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  variables: DATA_DIR BACKBONE=resnet18|efficientnet_lite0|torchvision:NAME|timm:NAME BACKBONES=\"a b\""
-	@echo "             WEIGHTS=imagenet|random|PATH DEVICE=auto|cpu|cuda EPOCHS MODES HEADS VIEWS CURVE CACHE_DIR HEAD RUN OUT"
+	@echo "             WEIGHTS=imagenet|random|PATH DEVICE=auto|cpu|cuda EPOCHS MODES HEADS VIEWS CURVE MARGIN CACHE_DIR HEAD RUN OUT"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,8 +59,8 @@ finetune: $(STAMP)  ## end-to-end training runs (MODES="finetune scratch"; each 
 	  $(PY) -m pipeline finetune $(COMMON) --backbone $$b --weights $$w --mode $$mode --epochs $(EPOCHS) \
 	  || exit $$?; done; done
 
-compare: heads finetune  ## run what is missing, then write reports/compare/ (CURVE=0 skips the data-size curve)
-	$(PY) -m pipeline compare --cache $(CACHE_DIR) $(DATA_OPT) $(if $(filter 0,$(CURVE)),--no-curve) \
+compare: heads finetune  ## run what is missing, then write reports/compare/ (CURVE=0 skips the data-size curve; MARGIN=0.05 sets the non-inferiority margin)
+	$(PY) -m pipeline compare --cache $(CACHE_DIR) $(DATA_OPT) $(if $(filter 0,$(CURVE)),--no-curve) $(if $(MARGIN),--margin $(MARGIN)) \
 	  --backbone $(subst $(space),$(comma),$(strip $(BACKBONE_NAMES)))
 
 export: $(STAMP)  ## one ONNX classifier: compare's recommendation, or HEAD=NAME / RUN=MODE[-SEED]

@@ -214,7 +214,11 @@ def _add_finetune(sub) -> None:
                         "last epoch) or holdout:F (best epoch on a stratified, seeded fraction F of train, "
                         "held out from training), e.g. holdout:0.2")
     p.add_argument("--train-per-class", type=integer, default=d.train_per_class, metavar="K",
-                   help="train on K seeded images per class (a point of the data-size curve); 0: all")
+                   help="train on K seeded images per class (a point of the data-size curve; seed S trains on "
+                        "the curve's subset S of that K); 0: all")
+    p.add_argument("--eval-every", type=integer, default=d.eval_every, metavar="N",
+                   help="val pass every N epochs during training, for the learning curves and the best-val "
+                        "column (timed apart, not charged as training); 0: the final epoch only")
     p.add_argument("--workers", type=integer, default=d.workers, help="data-loading processes; -1: automatic")
     p.add_argument("--threads", type=integer, default=d.threads,
                    help="CPU threads for the network; 0: torch's default, one per physical core "
@@ -248,6 +252,10 @@ def _add_compare(sub) -> None:
     p.add_argument("--alpha", type=float, default=d.alpha,
                    help="family-wise significance level of the exact McNemar tests between every pair of "
                         "methods, Holm-corrected (default: %(default)s)")
+    p.add_argument("--margin", type=float, default=d.margin,
+                   help="non-inferiority margin in accuracy (0.03 = 3 points): the answer is the cheapest method "
+                        "whose paired difference to the most accurate has a 95%% CI above -margin "
+                        "(default: %(default)s)")
     p.add_argument("--no-curve", dest="curve", action="store_false",
                    help="skip the heads' data-size curve (val accuracy vs labelled images per class)")
     p.add_argument("--no-figures", dest="figures", action="store_false", help="write the report without figures")

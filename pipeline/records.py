@@ -22,6 +22,7 @@ labels the reports use. ``from_json`` checks every field's type and ignores deri
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import typing
@@ -38,6 +39,9 @@ __all__ = [
     "RunRecord",
     "check_metrics",
     "read_json",
+    "RUN_SETTING_KEYS",
+    "run_setting",
+    "setting_digest",
 ]
 
 #: Version of every record schema in this module. 1: the untyped dicts written before it.
@@ -313,6 +317,23 @@ class HeadRecord(_Record):
 
 # --------------------------------------------------------------------------- runs
 
+#: The settings that make two end-to-end runs "one setting" (their seeds may differ): one table
+#: row in ``compare`` and one hash in the run folder name. Keys of ``RunRecord.settings``.
+RUN_SETTING_KEYS = ("backbone", "lr", "batch_size", "momentum", "weight_decay", "step_size", "gamma", "bn",
+                    "trainable_from", "precision")
+
+
+def run_setting(settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The :data:`RUN_SETTING_KEYS` of a run's settings (None where a record lacks one)."""
+    return {k: settings.get(k) for k in RUN_SETTING_KEYS}
+
+
+def setting_digest(settings: Dict[str, Any]) -> str:
+    """8 hex digits of sha256 over :func:`run_setting`: the short hash in a run folder's name."""
+    text = json.dumps(run_setting(settings), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+
+
 
 @dataclass(frozen=True)
 class RunRecord(_Record):
@@ -333,6 +354,8 @@ class RunRecord(_Record):
     best_val_epoch, best_val_acc : int, float
         The tutorial's number: the epoch with the best val accuracy. Chosen on val, hence
         optimistic; shown apart and labelled, never the result.
+    eval_seconds : float
+        The part of ``total_seconds`` spent on val passes during training (``--eval-every``).
     train_per_class : int
         ``K`` of ``--train-per-class`` (0: every train image); ``train_subset`` lists the
         images then used (without the held-out ones), ``train_images`` counts them with them.
@@ -368,6 +391,9 @@ class RunRecord(_Record):
     train_images: int = 0
     train_subset: Optional[List[str]] = None
     backbone: str = "resnet18"  # the --backbone value (canonical); runs of older schemas were all ResNet18
+    # Of total_seconds: the val passes made during training (diagnostics only: the learning curves
+    # and the best-val column; finetune --eval-every sets how often). 0 in records from before.
+    eval_seconds: float = 0.0
     best_val_note: str = "best epoch on val: chosen on val, optimistic"
     complete: bool = True
     checkpoint: str = "model.pt"  # the file in the run folder holding the model ``metrics`` describe

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline import backbones, cli
-from pipeline.backbones import network, registry
+from pipeline.backbones import network
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig, PredictConfig
 from pipeline.errors import UserError
 from pipeline.export import predict

@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import pytest
 
-from pipeline import cli, files
+from pipeline import cli, files, metrics
 from pipeline.compare import stage as compare, report, plots
 from pipeline.features import store
 from pipeline.config import CompareConfig
@@ -56,7 +56,7 @@ def _weights(weights_id: str) -> WeightsRef:
     return WeightsRef("imagenet", "ab" * 32)
 
 
-def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrained=True) -> str:
+def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrained=True, views=0) -> str:
     rng = np.random.default_rng(0)
     splits = {}
     for split in ("train", "val"):
@@ -64,7 +64,8 @@ def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrain
         for label, name in enumerate(CLASSES):
             for f in sorted((data / split / name).iterdir()):
                 feat = (rng.normal(0, 1, 512) + 3 * label).astype(np.float32)
-                rows.append(store.Row(f"{split}/{name}/{f.name}", "0" * 40, 1, 1, feat))
+                rows.append(store.Row(f"{split}/{name}/{f.name}", "0" * 40, 1, 1, feat,
+                                      views=np.repeat(feat[None], views, 0) if views and split == "train" else None))
                 labels.append(label)
         splits[split] = store.SplitRows(rows, labels)
     path = str(cache / "features" / f"data-{weights_id}.h5")
@@ -77,7 +78,7 @@ def write_feature_cache(cache: Path, data: Path, weights_id="imagenet", pretrain
 
 def write_head(cache: Path, name: str, items, wrong=(), *, data_root: str, classes=CLASSES,
                features_path: str = "", weights_id="imagenet", pretrained=True, extract_seconds=30.0,
-               fit_seconds=0.5, paths: Optional[List[str]] = None) -> Path:
+               fit_seconds=0.5, paths: Optional[List[str]] = None, used_views=False) -> Path:
     assert pretrained == (not weights_id.startswith("random"))
     paths = paths if paths is not None else [p for p, _ in items]
     y_true = [y for _, y in items]
@@ -89,7 +90,7 @@ def write_head(cache: Path, name: str, items, wrong=(), *, data_root: str, class
                              weights=_weights(weights_id), backbone="resnet18", precision="fp32",
                              extract_seconds=extract_seconds, extract_device="cpu", n_images=20),
         classes=list(classes), data_root=data_root, model_file=f"{name}.joblib", format="joblib",
-        sha256="0" * 64, size_bytes=1000, versions={}, created="2024-01-01T00:00:00", used_views=False,
+        sha256="0" * 64, size_bytes=1000, versions={}, created="2024-01-01T00:00:00", used_views=used_views,
         has_proba=False, settings={})
     path = cache / "heads" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +100,8 @@ def write_head(cache: Path, name: str, items, wrong=(), *, data_root: str, class
 
 def write_run(cache: Path, mode: str, seed: int, items, wrong=(), *, data_root: str, weights_id="imagenet",
               pretrained=True, total_seconds=600.0, complete=True, history=True, name=None,
-              best_val=(4, 0.9), train_per_class=0) -> Path:
+              best_val=(4, 0.9), train_per_class=0, settings=None, device="cpu", eval_seconds=0.0,
+              correct_paths=None) -> Path:
     """A run whose final epoch (the result) gets the images at ``wrong`` wrong; its history peaks
     on val at epoch ``best_val[0]`` with ``best_val[1]`` (the labelled, optimistic number)."""
     assert pretrained == (not weights_id.startswith("random"))
@@ -116,9 +118,10 @@ def write_run(cache: Path, mode: str, seed: int, items, wrong=(), *, data_root: 
         best_val_epoch=best_val[0], best_val_acc=best_val[1], train_per_class=train_per_class,
         epochs=epochs, total_seconds=total_seconds, epoch_seconds=[total_seconds / epochs] * epochs,
         images_per_s=20.0, predict_ms_per_image=12.0, trainable_parameters=11_689_512,
-        total_parameters=11_689_512, device="cpu", precision="fp32", weights=_weights(weights_id),
+        total_parameters=11_689_512, device=device, precision="fp32", weights=_weights(weights_id),
         classes=CLASSES, data_root=data_root, config={"mode": mode, "seed": seed}, versions={},
-        size_bytes=45_000_000, key="k" * 64, settings={}, complete=complete, created="2024-01-01T00:00:00")
+        size_bytes=45_000_000, key="k" * 64, settings=settings or {}, complete=complete,
+        created="2024-01-01T00:00:00", eval_seconds=eval_seconds)
     (folder / "metrics.json").write_text(record.dumps())
     if history:
         final = record.metrics["accuracy"]
@@ -180,12 +183,13 @@ def test_top_group_by_all_pairs_holm_and_the_cheapest_is_recommended(tmp_path, r
     t = pairs[("logistic", "sgd")]
     assert (t.b, t.c, t.p) == (14, 0, 2 / 2 ** 14) and t.winner == res.pairwise.names.index("logistic")
     assert pairs[("logistic", "ridge")].p_adjusted == 1.0
-    # finetune: three seeds in one row, mean ± sample std; the tests use the lowest seed (seed 0).
+    # finetune: three seeds in one row, mean ± sample std; the tests use every seed.
     ft = by["finetune"]
     accs = [38 / 40, 39 / 40, 40 / 40]
     assert ft.seeds == 3 and ft.representative.seed == 0
     assert ft.accuracy == pytest.approx(np.mean(accs)) and ft.accuracy_std == pytest.approx(np.std(accs, ddof=1))
-    assert (pairs[("logistic", "finetune")].b, pairs[("logistic", "finetune")].c) == (2, 0)
+    # Seed-averaged discordance: images 0, 3, 4 are each wrong in one seed of three: 3 x 1/3 = 1.
+    assert (pairs[("logistic", "finetune")].b, pairs[("logistic", "finetune")].c) == (1, 0)
     assert "± 0.025 (3 seeds)" in res.table and "**top group, recommended**" in res.table
     # A head's total time: the full extraction (30 s) + its own fit.
     assert by["logistic"].total_seconds == pytest.approx(30.2) and by["finetune"].total_seconds == 600.0
@@ -200,7 +204,7 @@ def test_top_group_by_all_pairs_holm_and_the_cheapest_is_recommended(tmp_path, r
     assert sum(r["row_type"] == "pair" for r in rows) == 10
     method = {r["label"]: r for r in rows if r["row_type"] == "method"}
     assert method["sgd"]["top_group"] == "False" and method["logistic"]["recommended"] == "True"
-    assert method["finetune"]["tested_seed"] == "0"
+    assert method["finetune"]["tested_seeds"] == "0;1;2"
     assert not res.excluded
 
 
@@ -250,13 +254,40 @@ def test_runs_on_k_images_per_class_are_curve_points_not_table_rows(tmp_path, ti
     assert e2e.mean[0] == pytest.approx(7 / 8) and e2e.std[0] == 0.0
     at2 = next(c for c in curve.cheapest if c["k"] == 2)
     assert "fixed (end-to-end)" in at2["top_group"]
-    assert curve.sentence.startswith("Data-size curve: the cheapest method of the top group")
+    assert curve.sentence.startswith("Data-size curve: the cheapest method non-inferior to the most accurate within "
+                                     "3 points (tested separately at each k")
     doc = json.loads(_report(tmp_path, "compare.json").read_text())["data_size_curve"]
     assert doc["ks"] == [1, 2, 4, 6] and len(doc["heads"]["ridge"]) == 4 and doc["end_to_end"]["fixed"][0]["k"] == 2
     assert doc["heads"]["ridge"][1]["n_subsets"] == 5
     rows = list(csv.DictReader(_report(tmp_path, "compare.csv").open()))
     assert sum(r["row_type"] == "curve" for r in rows) == 2 * 4 + 1
     assert "## Data-size curve" in _report(tmp_path).read_text()
+
+
+def test_curve_runs_at_any_k_are_tested_at_their_own_cost_and_heads_of_one_name_stay_apart(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _val_items(tiny_data)
+    feats = write_feature_cache(cache, tiny_data)
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats, extract_seconds=20.0)
+    other = write_head(cache, "logistic", items, (1,), data_root=str(tiny_data), features_path=feats)
+    other.rename(other.with_name("logistic-again.json"))
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats, extract_seconds=20.0)
+    for seed in (0, 1, 2):  # k = 3: not a power of two
+        write_run(cache, "fixed", seed, items, (seed,), data_root=str(tiny_data), train_per_class=3,
+                  name=f"fixed-k3-{seed}", total_seconds=50.0, eval_seconds=10.0)
+    res = compare.run(_cfg(tmp_path, cache, curve=True, figures=False))
+    curve = res.curve
+    assert 3 in curve.curve.ks
+    heads = [s.label for s in curve.series if s.kind == "head"]
+    assert len(heads) == 2 and len(set(heads)) == 2  # two rows, two series
+    at3 = next(c for c in curve.cheapest if c["k"] == 3)
+    assert "fixed (end-to-end)" in at3["top_group"]
+    # A head's cost at k: extraction of its 6 train images (20 s over 20 images) + its fit at k=3.
+    j = curve.curve.ks.index(3)
+    fit = curve.curve.fit_seconds[0, j]
+    assert at3["costs"][heads[0]] == pytest.approx(20.0 * 6 / 20 + fit)
+    assert at3["costs"]["fixed (end-to-end)"] == pytest.approx(40.0)  # its training, val passes apart
+    assert "tested separately at each k" in curve.sentence
 
 
 # --------------------------------------------------------------------------- the report and figures
@@ -285,7 +316,7 @@ def test_compare_writes_md_csv_json_and_every_figure(tmp_path, tiny_data):
     hidden = [p.name for p in (tmp_path / "reports").iterdir() if p.name.startswith(".compare-")]
     assert hidden == [os.readlink(target)]  # only the published set: no leftovers
     doc = json.loads((target / "compare.json").read_text())
-    assert doc["figures"]["pca"] == "figures/pca.png" and doc["seeds_rule"].endswith("the lowest seed")
+    assert doc["figures"]["pca"] == "figures/pca.png" and doc["seeds_rule"].endswith("use every seed")
 
 
 def test_not_pretrained_label_everywhere(tmp_path, results, monkeypatch):
@@ -434,6 +465,150 @@ def test_same_method_on_other_weights_gets_distinct_labels(tmp_path, tiny_data):
     assert sorted(r.label for r in res.rows) == ["logistic [imagenet]", "logistic [random-seed0 (not pretrained)]"]
 
 
+# --------------------------------------------------------------------------- effect sizes and the margin
+
+
+def _gap_cache(tmp_path, tiny_data, *, head_device="cpu", run_device="cpu"):
+    """154 val images: finetune (600 s) gets 4 wrong; ridge (30.5 s) 12: 8 images worse, none the other way."""
+    cache = tmp_path / "cache"
+    items = _items(77)
+    feats = write_feature_cache(cache, tiny_data)
+    write_run(cache, "finetune", 0, items, range(4), data_root=str(tiny_data), device=run_device)
+    write_head(cache, "ridge", items, range(12), data_root=str(tiny_data), features_path=feats)
+    return cache, items
+
+
+def test_eight_images_apart_the_answer_gives_the_gap_its_ci_and_the_margin_decision(tmp_path, tiny_data):
+    cache, items = _gap_cache(tmp_path, tiny_data)
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    by = {r.label: r for r in res.rows}
+    assert res.pairwise.tests[0].p == pytest.approx(2 / 2 ** 8)  # exact McNemar, 8 vs 0
+    gap = by["ridge"].gap
+    assert gap.diff == pytest.approx(-8 / 154)
+    assert (gap.low, gap.high) == pytest.approx(metrics.paired_difference_ci(142, 0, 8, 4))
+    assert by["finetune"].best and by["finetune"].recommended and not by["ridge"].noninferior
+    answer = res.decision and report.answer(res.decision)
+    assert answer[0].startswith("Answer: **finetune**")
+    assert f"{gap.diff:+.3f} [95% CI {gap.low:+.3f}, {gap.high:+.3f}]" in answer[0]
+    assert "no cheaper method is certified within 3 points" in answer[0] or "shown worse" in answer[0]
+    assert answer[1].startswith("Val size: certifying ridge within 3 points of finetune")
+    n_equal = metrics.noninferior_sample_size(8 / 154, 0.03)
+    assert f"needs about {n_equal} val images" in answer[1] and "this val set has 154" in answer[1]
+    md = _report(tmp_path).read_text()
+    assert answer[0] in md and "Δ to most accurate [95% CI]" in md
+    assert "the recommendation itself, though, is a choice made on val" in md.lower()
+    doc = json.loads(_report(tmp_path, "compare.json").read_text())
+    assert doc["margin"] == 0.03 and doc["most_accurate"] == "finetune" and doc["recommended"] == "finetune"
+    pair = doc["pairs"][0]
+    assert {pair["a"], pair["b_label"]} == {"ridge", "finetune"}
+    sign = 1 if pair["a"] == "finetune" else -1
+    assert pair["difference"] == pytest.approx(sign * 8 / 154)
+    assert pair["difference_ci95_low"] < pair["difference"] < pair["difference_ci95_high"]
+    row = next(r for r in doc["rows"] if r["label"] == "ridge")
+    assert (row["gap_to_best"], row["gap_ci95_low"], row["gap_ci95_high"]) == pytest.approx(
+        (gap.diff, gap.low, gap.high))
+    assert doc["val_size"]["images_if_equal"] == n_equal
+    method = {r["label"]: r for r in csv.DictReader(_report(tmp_path, "compare.csv").open())
+              if r["row_type"] == "method"}
+    assert float(method["ridge"]["gap_ci95_low"]) == pytest.approx(gap.low)
+
+
+@pytest.mark.parametrize("margin, expected", [(0.03, "finetune"), (0.15, "ridge")])
+def test_the_cheapest_method_non_inferior_within_the_margin_is_the_answer(tmp_path, tiny_data, margin, expected):
+    cache, _ = _gap_cache(tmp_path, tiny_data)
+    res = compare.run(_cfg(tmp_path, cache, figures=False, margin=margin))
+    assert res.recommended.label == expected
+    ridge = next(r for r in res.rows if r.label == "ridge")
+    assert ridge.noninferior == (ridge.gap.low > -margin) == (expected == "ridge")
+    line = report.answer(res.decision)[0]
+    assert f"{ridge.gap.diff:+.3f} [95% CI {ridge.gap.low:+.3f}, {ridge.gap.high:+.3f}]" in line
+    if expected == "ridge":
+        assert "the cheapest method non-inferior to the most accurate, finetune" in line
+
+
+def test_the_answer_says_when_times_come_from_different_devices(tmp_path, tiny_data):
+    cache, _ = _gap_cache(tmp_path, tiny_data, run_device="cuda:0")
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    assert "different devices (cpu, cuda:0)" in report.answer(res.decision)[0]
+
+
+@pytest.mark.parametrize("margin", [0.0, 1.0, -0.1])
+def test_margin_out_of_range_is_a_user_error(tmp_path, results, margin, capsys):
+    with pytest.raises(UserError, match="margin"):
+        compare.run(_cfg(tmp_path, results[0], margin=margin))
+    assert cli.main(["compare", "--cache", str(results[0]), "--margin", str(margin)]) == 2
+    err = capsys.readouterr().err
+    assert "--margin" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_multi_seed_row_is_tested_on_every_seed_not_the_lowest(tmp_path, tiny_data):
+    # logistic: 8 of 40 wrong. finetune seed 0: those 8 + 10 more wrong (alone: beaten by logistic,
+    # McNemar 10 vs 0, p = 0.002); seeds 1 and 2: 4 of logistic's wrong images right. Mean: 40 - 14.67.
+    cache = tmp_path / "cache"
+    items = _items()
+    root = str(tiny_data)
+    write_head(cache, "logistic", items, range(8), data_root=root)
+    write_run(cache, "finetune", 0, items, range(18), data_root=root)
+    for seed in (1, 2):
+        write_run(cache, "finetune", seed, items, range(4, 8), data_root=root)
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    by = {r.label: r for r in res.rows}
+    from pipeline.metrics import mcnemar_exact
+    assert mcnemar_exact(0, 10) < 0.05  # the lowest seed alone: logistic beats finetune
+    assert by["finetune"].accuracy < by["logistic"].accuracy + 0.01
+    assert by["finetune"].top and by["logistic"].top and not by["finetune"].beaten_by
+    assert by["finetune"].gap is not None and len(by["finetune"].results) == 3
+
+
+def test_runs_that_differ_in_a_training_setting_are_separate_rows(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _items()
+    root = str(tiny_data)
+    base = {"backbone": "resnet18", "lr": 1e-3, "batch_size": 4, "momentum": 0.9, "weight_decay": 0.0,
+            "step_size": 7, "gamma": 0.1, "bn": "frozen-eval", "trainable_from": None, "precision": "fp32"}
+    write_run(cache, "finetune", 0, items, (), data_root=root, settings=base, name="finetune-a")
+    write_run(cache, "finetune", 1, items, (1,), data_root=root, settings=base, name="finetune-a-1")
+    write_run(cache, "finetune", 0, items, (2,), data_root=root, settings=dict(base, lr=1e-2), name="finetune-b")
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    assert sorted((r.label, r.seeds) for r in res.rows) == [("finetune lr=0.001", 2), ("finetune lr=0.01", 1)]
+
+
+def test_the_same_setting_and_seed_twice_counts_once_with_a_warning(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _items()
+    write_run(cache, "finetune", 0, items, (), data_root=str(tiny_data), name="finetune")
+    write_run(cache, "finetune", 0, items, (), data_root=str(tiny_data), name="finetune-0a1b2c3d")
+    with pytest.warns(UserWarning, match="same setting and seed 0"):
+        res = compare.run(_cfg(tmp_path, cache, figures=False))
+    assert [r.seeds for r in res.rows] == [1]
+
+
+def test_augmented_views_are_charged_only_to_the_heads_trained_on_them(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _val_items(tiny_data)
+    feats = write_feature_cache(cache, tiny_data, views=3)
+    meta = store.read_meta(feats)["splits"]
+    n_all, n_train = meta["train"]["n"] + meta["val"]["n"], meta["train"]["n"]
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats, fit_seconds=0.0)
+    path = write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats,
+                      fit_seconds=0.0, used_views=True)
+    path.rename(path.with_name("logistic-views.json"))
+    write_head(cache, "logistic", items, (), data_root=str(tiny_data), features_path=feats, fit_seconds=0.0)
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    by = {r.results[0].used_views: r for r in res.rows}
+    assert by[True].total_seconds == pytest.approx(30.0) and "+views" in by[True].label
+    assert by[False].total_seconds == pytest.approx(30.0 * n_all / (n_all + 3 * n_train))
+
+
+def test_val_passes_are_shown_apart_and_not_charged(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    write_run(cache, "finetune", 0, _items(), (), data_root=str(tiny_data), total_seconds=600, eval_seconds=100)
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    row = res.rows[0]
+    assert (row.total_seconds, row.eval_seconds) == (500, 100)
+    assert "val passes (not charged)" in res.table
+
+
 # --------------------------------------------------------------------------- one set or nothing
 
 
@@ -559,7 +734,7 @@ def test_cli_compare_help_lists_options(capsys):
     with pytest.raises(SystemExit):
         cli.main(["compare", "--help"])
     out = capsys.readouterr().out
-    for option in ("--cache", "--reports", "--data", "--alpha", "--no-curve", "--no-figures"):
+    for option in ("--cache", "--reports", "--data", "--alpha", "--margin", "--no-curve", "--no-figures"):
         assert option in out
 
 
@@ -604,3 +779,32 @@ def test_when_the_most_accurate_is_the_cheapest_the_val_size_names_the_next_chea
     assert line.startswith("Answer: **ridge**") and "and also the cheapest" in line
     assert size.startswith("Val size: certifying finetune within 3 points of ridge")
     assert f"needs about {metrics.noninferior_sample_size(6 / 154, 0.03)} val images" in size
+def test_make_compare_passes_margin_through(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-n", "-C", str(root), "compare", "MARGIN=0.05", "PY=python"], capture_output=True,
+                         text=True, check=True).stdout
+    line = next(l for l in out.splitlines() if "pipeline compare" in l)
+    assert "--margin 0.05" in line
+    plain = subprocess.run(["make", "-n", "-C", str(root), "compare", "PY=python"], capture_output=True, text=True,
+                           check=True).stdout
+    assert "--margin" not in next(l for l in plain.splitlines() if "pipeline compare" in l)
+
+
+def test_seeds_of_a_random_init_drawn_from_the_seed_form_one_row(tmp_path, tiny_data):
+    cache = tmp_path / "cache"
+    items = _items()
+    for seed in (0, 1, 2):
+        write_run(cache, "scratch", seed, items, range(seed + 10), data_root=str(tiny_data),
+                  weights_id=f"random-seed{seed}", pretrained=False)
+    write_run(cache, "scratch", 0, items, (), data_root=str(tiny_data), weights_id="random-seed7", pretrained=False,
+              name="scratch-other-init")
+    res = compare.run(_cfg(tmp_path, cache, figures=False))
+    seeds = sorted(r.seeds for r in res.rows)
+    assert seeds == [1, 3]
+    row = next(r for r in res.rows if r.seeds == 3)
+    assert row.weights_label == "random-seed0,1,2 (not pretrained)"

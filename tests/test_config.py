@@ -36,6 +36,8 @@ def test_the_defaults_are_valid(cls):
     (config.FinetuneConfig, dict(lr=1.0, gamma=1e30, step_size=1, epochs=3), "use a smaller lr or gamma"),
     (config.FinetuneConfig, dict(seeds=(1, 1)), "seeds 1,1: give distinct integers"),
     (config.CompareConfig, dict(alpha=1.5), "alpha 1.5 is out of range"),
+    (config.CompareConfig, dict(margin=0.0), "margin 0.0 is out of range"),
+    (config.FinetuneConfig, dict(eval_every=-2), "eval_every -2 must be >= 0"),
     (config.PredictConfig, dict(format="xml"), "format 'xml' is not recognised"),
     (config.PredictConfig, dict(batch_size=-1), "batch_size -1 must be >= 0"),
 ])

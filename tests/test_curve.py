@@ -56,7 +56,7 @@ def test_curve_never_reads_val_before_scoring():
     assert mean[i, 2] == pytest.approx(np.mean(base.accuracy[i, 2])) and std[i, -1] == 0.0
     assert std[i, 2] == pytest.approx(np.std(base.accuracy[i, 2], ddof=1))
     # The paired per-image record is subset 0's.
-    assert base.correct[i, 3].mean() == pytest.approx(base.accuracy[i, 3, 0])
+    assert base.correct[i, 3, 0].mean() == pytest.approx(base.accuracy[i, 3, 0])
     # The k=1 fallback is each estimator's default, not a CV (or val) choice.
     assert {c for c in base.chosen[i][0]} == {1.0}
     assert {c for c in base.chosen[HEADS.index("knn")][0]} == {1}
@@ -71,7 +71,7 @@ def test_curve_is_reproducible_and_seed_dependent():
     assert not np.array_equal(a.accuracy[:, :-1], c.accuracy[:, :-1])
     doc = curve.to_json(a)
     assert doc["ks"] == [1, 2, 4, 8] and doc["heads"]["ridge"][0]["n_subsets"] == 5
-    assert doc["tests_use_subset"] == 0
+    assert doc["tests_use_subsets"] == "every subset"
 
 
 def test_sgd_heads_fit_the_smallest_subsets():
@@ -79,3 +79,24 @@ def test_sgd_heads_fit_the_smallest_subsets():
     X_tr, y_tr, X_va, y_va = _data(n_per_class=4, n_val=5)
     res = curve.heads_curve(X_tr, y_tr, X_va, y_va, ("sgd_log", "sgd_hinge"), n_subsets=5, seed=0)
     assert res.ks == [1, 2, 4] and not np.isnan(res.accuracy[:, :2]).any()
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_subsets_keyed_by_path_do_not_depend_on_the_order_of_the_images(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, 60)
+    keys = [f"train/c{y}/img_{i:03d}.jpg" for i, y in enumerate(labels)]
+    order = rng.permutation(60)
+    first = {keys[i] for i in splits.train_subset(labels, 4, seed, keys=keys)}
+    shuffled = {keys[order[i]] for i in splits.train_subset(labels[order], 4, seed, keys=[keys[i] for i in order])}
+    assert first == shuffled
+    assert splits.train_subset(labels, 4, seed, keys=keys).tolist() == splits.per_class_subset(
+        labels, 4, (splits.CURVE_SEED, seed), keys=keys).tolist()
+
+
+def test_a_holdout_that_would_leave_a_class_out_raises():
+    labels = np.array([0] * 2 + [1] * 6 + [2] * 2)  # 3 held out, stratified rounding drops class 2
+    with pytest.raises(ValueError, match=r"leaves class\(es\) \[2\] out of the holdout part"):
+        splits.holdout_split(labels, 0.3, 0)
+    fit, hold = splits.holdout_split(labels, 0.5, 0)
+    assert set(labels[hold]) == set(labels[fit]) == {0, 1, 2}

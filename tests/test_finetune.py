@@ -250,6 +250,7 @@ def test_cli_seeds_mean_std_and_undecodable_images(tmp_path, capsys):
     (["--select", "holdout:1.5"], "Only final or holdout:F"),
     (["--select", "holdout:0.05"], "cannot keep every one of 2 classes"),
     (["--train-per-class", "7"], "exceeds the 6 train images"),
+    (["--eval-every", "-1"], "--eval-every -1 must be >= 0"),
     (["--weights", "no/such/file.pt"], "no such file"),
 ])
 def test_cli_user_errors_exit_2_with_one_line(tiny_data, tmp_path, capsys, args, message):
@@ -319,3 +320,41 @@ def test_train_per_class_trains_on_a_seeded_stratified_subset(tiny_data, tmp_pat
     assert again.runs[0].metrics["train_subset"] == subset
     other = finetune.run(_cfg(tiny_data, tmp_path / "d", mode="fixed", epochs=1, train_per_class=2, seed=2))
     assert other.runs[0].metrics["train_subset"] != subset
+
+
+@pytest.mark.parametrize("every, with_val", [(0, [3]), (2, [2, 3]), (1, [1, 2, 3])])
+def test_eval_every_sets_the_val_passes_and_they_are_timed_apart(tiny_data, tmp_path, every, with_val):
+    run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode="fixed", epochs=3, eval_every=every)).runs[0]
+    history = _json(run.path, "history.json")["epochs"]
+    assert [h["epoch"] for h in history if "val_acc" in h] == with_val
+    m = run.metrics
+    assert m["eval_seconds"] > 0 and m["eval_seconds"] == pytest.approx(sum(h.get("val_seconds", 0.0) for h in history))
+    assert m["eval_seconds"] < m["total_seconds"] and m["best_val_epoch"] in with_val
+
+
+def test_other_training_settings_get_their_own_folder(tiny_data, tmp_path):
+    from pipeline.records import setting_digest
+
+    cfg = _cfg(tiny_data, tmp_path / "c", mode="fixed", epochs=1)
+    assert finetune.setting_tag(cfg) == "" and finetune.run_name("fixed", 0) == "fixed"
+    changed = replace(cfg, lr=0.05, batch_size=2)
+    tag = finetune.setting_tag(changed)
+    assert tag == setting_digest(dict(backbone=None,  # the folder prefix names the backbone
+                                      lr=0.05, batch_size=2, momentum=0.9, weight_decay=0.0,
+                                      step_size=7, gamma=0.1, bn=cfg.bn, trainable_from=None,
+                                      precision=cfg.precision))
+    first = finetune.run(cfg).runs[0]
+    second = finetune.run(changed).runs[0]
+    assert first.path.endswith(os.sep + "fixed") and second.path.endswith(f"fixed-s{tag}")
+    assert os.path.isfile(os.path.join(first.path, "metrics.json"))  # the first run is kept, not overwritten
+
+
+def test_train_per_class_trains_on_the_curves_subset_of_that_k_and_seed(tiny_data, tmp_path):
+    from pipeline import data
+    from pipeline.data.splits import train_subset
+
+    run = finetune.run(_cfg(tiny_data, tmp_path / "c", mode="fixed", epochs=1, train_per_class=3, seed=2)).runs[0]
+    items = data.discover(str(tiny_data)).splits["train"][::-1]  # any order: keyed by path
+    labels = [i.label for i in items]
+    expected = sorted(items[i].relpath for i in train_subset(labels, 3, 2, keys=[i.relpath for i in items]))
+    assert sorted(run.metrics["train_subset"]) == expected

@@ -498,3 +498,25 @@ def test_make_heads_on_the_real_data_set(real_data, tmp_path, capsys):
         doc = json.loads((tmp_path / "cache" / "heads" / f"{name}.json").read_text())
         assert SIDE_KEYS <= set(doc) and doc["features"]["n_images"] == 245 + 153
         assert doc["metrics"]["n"] == 153 and doc["features"]["pretrained"] is False
+
+
+@pytest.mark.parametrize("name", ["sgd_log", "sgd_hinge"])
+def test_sgd_cv_scores_the_estimator_the_refit_builds(name):
+    # Synthetic 4-class set: each grid value's CV accuracy must be that of a cold fit, which is
+    # what the refit on all of train builds (a warm start along alpha scored another estimator).
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=240, n_features=20, n_informative=8, n_classes=4, random_state=0)
+    spec = heads.REGISTRY[name]
+    assert not spec.warm_start
+    folds = cv.make_folds(cv.TrainData(X, y, np.arange(len(y)), len(y), 0), 3, 0)
+    values = spec.grid[:4]
+    result = cv.cross_validate(spec, folds, 0, 1, "test")
+    scores = dict(zip(result["grid"], result["mean"]))
+    for v in values:
+        cold = []
+        for fold in folds:
+            X_tr, X_te = fold.data(spec.span)
+            est = cv.fit_ready(spec.build(v, 0), fold.y_train)
+            cold.append(np.mean(est.fit(X_tr, fold.y_train).predict(X_te) == fold.y_test))
+        assert scores[v] == pytest.approx(np.mean(cold), abs=1e-12)

@@ -129,3 +129,104 @@ def test_pairwise_checks_its_inputs():
     with pytest.raises(ValueError, match="shape"):
         metrics.pairwise_mcnemar(np.ones((3, 3), bool), ["a", "b"])
     assert metrics.cheapest([], [1.0]) is None
+
+
+# --------------------------------------------------------------------------- effect sizes, every seed
+
+
+def test_newcombe_paired_interval_matches_the_published_worked_example():
+    # Fagerland, Lydersen & Laake (2017), Statistical Analysis of Contingency Tables, ch. 8: complete
+    # response before and after consolidation therapy (Cavo et al. 2012), table [[59, 6], [16, 80]]:
+    # Newcombe's square-and-add (hybrid score, Newcombe 1998 method 10) interval -0.0621 (-0.1186 to -0.0046).
+    low, high = metrics.paired_difference_ci(59, 6, 16, 80)
+    assert (round(low, 4), round(high, 4)) == (-0.1186, -0.0046)
+    # Swapping the two methods mirrors the interval.
+    assert metrics.paired_difference_ci(59, 16, 6, 80) == pytest.approx((-high, -low))
+
+
+def _coverage(n: int, p10: float, p01: float, p11: float, interval) -> float:
+    """Exact coverage of ``interval`` at one parameter point: sum over every 2x2 table of n images."""
+    theta = p10 - p01
+    p00 = 1 - p10 - p01 - p11
+    total = 0.0
+    for a in range(n + 1):
+        for b in range(n + 1 - a):
+            for c in range(n + 1 - a - b):
+                d = n - a - b - c
+                prob = (math.factorial(n) / (math.factorial(a) * math.factorial(b) * math.factorial(c)
+                                             * math.factorial(d)) * p11 ** a * p10 ** b * p01 ** c * p00 ** d)
+                low, high = interval(a, b, c, d)
+                total += prob * (low <= theta <= high)
+    return total
+
+
+def _wald(a, b, c, d, z=1.959963984540054):
+    n = a + b + c + d
+    theta = (b - c) / n
+    half = z * math.sqrt(max(0.0, ((b + c) / n - theta ** 2) / n))
+    return theta - half, theta + half
+
+
+@pytest.mark.parametrize("p10, p01, p11", [(0.1, 0.02, 0.8), (0.15, 0.1, 0.6), (0.1, 0.0, 0.85),
+                                           (0.2, 0.05, 0.6)])
+def test_newcombe_paired_interval_holds_its_level_at_small_counts_where_wald_does_not(p10, p01, p11):
+    # Independent reference: the exact coverage over every possible table of 20 images.
+    newcombe = _coverage(20, p10, p01, p11, metrics.paired_difference_ci)
+    wald = _coverage(20, p10, p01, p11, _wald)
+    assert newcombe >= 0.95 > 0.925 > wald
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sign_flip_exact_matches_brute_force_enumeration(seed):
+    rng = np.random.default_rng(seed)
+    d = rng.integers(-4, 5, size=11)
+    observed = abs(d.sum())
+    signs = np.array(np.meshgrid(*[[-1, 1]] * d.size)).reshape(d.size, -1).T
+    expected = np.mean(np.abs(signs @ np.abs(d)) >= observed)
+    assert metrics.sign_flip_exact(d) == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("b, c", [(0, 0), (3, 1), (9, 0), (25, 8)])
+def test_sign_flip_on_one_seed_each_is_the_exact_mcnemar_test(b, c):
+    d = [1] * b + [-1] * c + [0] * 7
+    assert metrics.sign_flip_exact(d) == metrics.mcnemar_exact(b, c)
+    # The same on a scaled integer grid (as with several seeds) gives the same p-value.
+    assert metrics.sign_flip_exact([3 * x for x in d]) == pytest.approx(metrics.mcnemar_exact(b, c))
+
+
+def test_difference_averages_every_seed_and_is_the_difference_of_mean_accuracies():
+    rng = np.random.default_rng(0)
+    first = rng.random((3, 50)) < 0.8
+    second = rng.random(50) < 0.7
+    diff = metrics.difference(first, second)
+    assert diff.diff == pytest.approx(first.mean() - second.mean())
+    assert sum(diff.table) == pytest.approx(50) and diff.low < diff.diff < diff.high
+    # One seed each: the table is the integer 2x2 table, the p-value McNemar's.
+    one = metrics.difference(first[0], second)
+    b, c = int(np.sum(first[0] & ~second)), int(np.sum(~first[0] & second))
+    assert one.table[1:3] == (b, c) and one.p == metrics.mcnemar_exact(b, c)
+    assert (one.low, one.high) == metrics.paired_difference_ci(*one.table)
+
+
+def test_noninferior_sample_size_by_the_paired_formula():
+    z = 1.959963984540054 + 0.8416212335729143
+    assert metrics.noninferior_sample_size(0.1, 0.03) == math.ceil(z * z * 0.1 / 0.03 ** 2)
+    assert metrics.noninferior_sample_size(0.1, 0.03, gap=-0.01) == math.ceil(z * z * (0.1 - 1e-4) / 0.02 ** 2)
+    assert metrics.noninferior_sample_size(0.1, 0.03, gap=-0.05) is None  # beyond the margin: no size
+    with pytest.raises(ValueError, match="margin 0 must lie"):
+        metrics.noninferior_sample_size(0.1, 0)
+
+
+def test_pairwise_seeds_uses_every_seed_where_the_lowest_would_decide_otherwise():
+    # Row A: one seed, right on 80 of 100 images. Row B: three seeds; seed 0 alone is 12 images worse
+    # than A with none the other way (McNemar: A beats it), seeds 1 and 2 are 4 images better.
+    a = np.zeros(100, bool)
+    a[:80] = True
+    b = np.tile(a, (3, 1))
+    b[0, :12] = False
+    b[1:, 80:84] = True
+    lowest = metrics.pairwise_mcnemar(np.array([a, b[0]]), ["A", "B"])
+    assert lowest.beaten_by == [[], [0]]
+    every = metrics.pairwise_seeds([a, b], ["A", "B"])
+    assert every.beaten_by == [[], []] and every.top_group == [0, 1]
+    assert b.mean() > a.mean() - 0.02  # B's mean is close to A's: 1 image behind on average

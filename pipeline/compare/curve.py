@@ -67,8 +67,9 @@ class CurveResult:
         Subsets per ``k``; where ``k`` reaches every image of every class only subset 0 exists.
     accuracy : ndarray of shape (n_heads, n_ks, n_subsets)
         Val accuracy; NaN where a subset does not exist.
-    correct : ndarray of bool, shape (n_heads, n_ks, n_val)
-        Per val image, right or wrong, for subset 0 (the subset the paired tests use).
+    correct : ndarray of bool, shape (n_heads, n_ks, n_subsets, n_val)
+        Per val image, right or wrong, for every subset (False where a subset does not exist:
+        see ``accuracy``); the paired tests at each ``k`` use every subset, as seeds.
     fit_seconds : ndarray of shape (n_heads, n_ks)
         Mean process time of choosing and fitting one head on one subset.
     chosen : list of list of list
@@ -91,6 +92,11 @@ class CurveResult:
     seed: int
     train_counts: List[int] = field(default_factory=list)
     seconds: float = 0.0
+    n_images: Optional[np.ndarray] = None  # (n_ks,) train images in a subset of each k
+
+    def subsets(self, i: int, j: int) -> np.ndarray:
+        """``(n_existing_subsets, n_val)`` bool: head ``i`` at ``k`` index ``j``, every subset."""
+        return self.correct[i, j][~np.isnan(self.accuracy[i, j])]
 
     def mean_std(self) -> tuple:
         """``(mean, std)`` of shape (n_heads, n_ks); std is the sample std over subsets (0 for one)."""
@@ -136,7 +142,7 @@ def _fit_predict(spec, X: np.ndarray, y: np.ndarray, folds, X_val: np.ndarray, s
 
 def heads_curve(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray,
                 heads: Sequence[str], *, n_subsets: int = 5, seed: int = 0, cv_folds: int = 5,
-                ks: Optional[Sequence[int]] = None) -> CurveResult:
+                ks: Optional[Sequence[int]] = None, keys: Optional[Sequence[str]] = None) -> CurveResult:
     """Fit every head on seeded stratified subsets of train with ``k`` images per class.
 
     Parameters
@@ -147,8 +153,13 @@ def heads_curve(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_v
     heads : names in :data:`pipeline.heads.stage.REGISTRY`
     n_subsets : int, at least 5 for the report
     seed : int
-        Subset ``s`` of size ``k`` is ``per_class_subset(y_train, k, (seed, s))``.
-    ks : sizes to use (default :func:`sizes`)
+        Subset ``s`` of size ``k`` is ``per_class_subset(y_train, k, (seed, s), keys)``; with the
+        default seed (:data:`pipeline.data.splits.CURVE_SEED`) it is
+        :func:`pipeline.data.splits.train_subset` draw ``s``, the images an end-to-end run
+        ``--train-per-class k --seed s`` trains on.
+    ks : sizes to use (default :func:`sizes`); any k from 1 to the largest class
+    keys : sequence of str of shape (n_train,), optional
+        The train images' relative paths (the subsets then do not depend on their order).
     """
     started = time.process_time()
     y_train, y_val = np.asarray(y_train), np.asarray(y_val)
@@ -156,7 +167,8 @@ def heads_curve(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_v
     counts = np.bincount(y_train)
     shape = (len(heads), len(ks))
     accuracy = np.full(shape + (n_subsets,), np.nan)
-    correct = np.zeros(shape + (len(y_val),), dtype=bool)
+    correct = np.zeros(shape + (n_subsets, len(y_val)), dtype=bool)
+    n_images = np.zeros(len(ks), dtype=int)
     fit_seconds = np.zeros(shape)
     chosen: List[List[List[object]]] = [[[] for _ in ks] for _ in heads]
     rule = []
@@ -169,7 +181,8 @@ def heads_curve(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_v
             rule.append(FALLBACK if n_folds < 2 else
                         f"cv: StratifiedKFold(n_splits={n_folds}) inside each subset")
             for s in range(1 if every else n_subsets):
-                idx = per_class_subset(y_train, k, (seed, s))
+                idx = per_class_subset(y_train, k, (seed, s), keys=keys)
+                n_images[j] = len(idx)
                 X, y = X_train[idx], y_train[idx]
                 folds = (make_folds(TrainData(X, y, np.arange(len(y)), len(y), 0), n_folds, seed)
                          if n_folds >= 2 else None)
@@ -181,11 +194,10 @@ def heads_curve(X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_v
                     fit_seconds[i, j] += time.process_time() - t
                     accuracy[i, j, s] = float(np.mean(pred == y_val))
                     chosen[i][j].append(value)
-                    if s == 0:
-                        correct[i, j] = pred == y_val
+                    correct[i, j, s] = pred == y_val
             fit_seconds[:, j] /= 1 if every else n_subsets
     return CurveResult(list(heads), ks, n_subsets, accuracy, correct, fit_seconds, chosen, rule, seed,
-                       [int(c) for c in counts], time.process_time() - started)
+                       [int(c) for c in counts], time.process_time() - started, n_images)
 
 
 def to_json(curve: CurveResult) -> Dict[str, object]:
@@ -194,7 +206,7 @@ def to_json(curve: CurveResult) -> Dict[str, object]:
     return {
         "x": "labelled train images per class", "y": "val accuracy", "ks": curve.ks, "n_subsets": curve.n_subsets,
         "seed": curve.seed, "subset_rule": "per_class_subset(train labels, k, (seed, s)): k seeded images per class",
-        "choice_rule": curve.rule, "train_counts": curve.train_counts, "tests_use_subset": 0,
+        "choice_rule": curve.rule, "train_counts": curve.train_counts, "tests_use_subsets": "every subset",
         "seconds_process_time": curve.seconds,
         "heads": {name: [{"k": k, "mean": float(mean[i, j]), "std": float(std[i, j]),
                           "n_subsets": int(np.sum(~np.isnan(curve.accuracy[i, j]))),

@@ -54,7 +54,7 @@ class Point:
     low: float  # lower end of the error bar (CI, or mean - std for several seeds)
     high: float
     kind: str = "head"  # head | run
-    recommended: bool = False  # the cheapest member of the top group
+    recommended: bool = False  # the cheapest row non-inferior to the most accurate (compare.stage)
     top: bool = False  # in the top group: no other method beats it significantly
     seed_accuracies: List[float] = field(default_factory=list)
 
@@ -149,7 +149,7 @@ def accuracy_vs_time(points: Sequence[Point], path: str, title_note: str = "") -
 
     Filled markers: the top group (no other method beats them significantly, Holm-adjusted
     McNemar); hollow: beaten significantly by some method; star: the recommendation (the
-    cheapest member of the top group), whose interval is the shaded band.
+    cheapest row non-inferior to the most accurate), whose interval is the shaded band.
     """
     if not points:
         return None
@@ -193,7 +193,7 @@ def accuracy_vs_time(points: Sequence[Point], path: str, title_note: str = "") -
                for kind, (m, c, lab) in _KIND_STYLE.items() if any(p.kind == kind for p in points)]
     handles += [Patch(color="#f1c40f", alpha=0.3, label="recommended's interval"),
                 Line2D([], [], marker="*", ls="", color="0.3", markersize=14,
-                       label="recommended: cheapest of the top group"),
+                       label="recommended: cheapest non-inferior to the most accurate"),
                 Line2D([], [], marker="o", ls="", color="0.3", markersize=8,
                        label="top group: beaten by none\n(all-pairs McNemar, Holm)"),
                 Line2D([], [], marker="o", ls="", markerfacecolor="white", markeredgecolor="0.3",

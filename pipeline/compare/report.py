@@ -57,7 +57,7 @@ class CurveReport:
 
     def to_json(self) -> dict:
         doc = curve_mod.to_json(self.curve)
-        doc.update(features_path=self.features_path, cheapest_top_group=self.cheapest, sentence=self.sentence,
+        doc.update(features_path=self.features_path, answer_by_k=self.cheapest, sentence=self.sentence,
                    end_to_end={s.label: [{"k": k, "mean": m, "std": sd, "seeds": n}
                                          for k, m, sd, n in zip(s.k, s.mean, s.std, s.n)]
                                for s in self.series if s.kind == "run"})
@@ -66,10 +66,12 @@ class CurveReport:
     def markdown(self) -> str:
         c = self.curve
         mean, std = c.mean_std()
-        header = ["head"] + [f"k={k}" for k in c.ks]
-        lines = [[name] + [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean[i], std[i])] for i, name in enumerate(c.heads)]
+        header = ["method"] + [f"k={k}" for k in c.ks]
+        lines = []
         for s in self.series:
-            if s.kind == "run":
+            if s.kind == "head":
+                lines.append([s.label] + [f"{m:.3f} ± {sd:.3f}" for m, sd in zip(s.mean, s.std)])
+            else:
                 cells = {k: f"{m:.3f} ± {sd:.3f} ({n} seed{'s' if n != 1 else ''})"
                          for k, m, sd, n in zip(s.k, s.mean, s.std, s.n)}
                 lines.append([f"{s.label} (end-to-end)"] + [cells.get(k, "") for k in c.ks])
@@ -86,12 +88,58 @@ class CurveReport:
 
 
 @dataclass
+class Decision:
+    """The answer and the numbers it rests on (made by ``compare.stage``; formatted here).
+
+    Attributes
+    ----------
+    margin : float
+        Non-inferiority margin in accuracy (``--margin``).
+    best : Row
+        The most accurate row (mean over seeds; ties: the cheapest). Picked on val: the gaps to
+        it are measured against a maximum, which favours it.
+    recommended : Row
+        The cheapest row whose gap to ``best`` has a 95% CI lower bound above ``-margin``
+        (``best`` itself when no cheaper row is certified).
+    not_shown_worse : Row
+        The cheapest row whose gap CI reaches 0 (not shown worse than ``best``).
+    candidate : Row or None
+        The row the val-size sentence is about: the cheaper row in question, or with nothing
+        cheaper than ``best`` the next cheapest row (None: a single row).
+    cheaper : Row or None
+        The cheapest row cheaper than ``best`` (None: ``best`` is the cheapest).
+    sample_size, sample_size_at_gap : int or None
+        Val images that would certify ``candidate`` within ``margin`` at its observed disagreement
+        rate with ``best`` (80% power, one-sided 2.5%), if the true gap were 0 / the observed
+        gap (None: the observed gap is beyond the margin, no size would).
+    devices : list of str
+        The devices the times of best, recommended and not-shown-worse were measured on.
+    pairwise : metrics.Pairwise
+        Every pair, in the row order of the table; ``differences`` aligned with its tests.
+    """
+
+    margin: float
+    best: Row
+    recommended: Row
+    not_shown_worse: Row
+    n_val: int
+    candidate: Optional[Row] = None
+    cheaper: Optional[Row] = None
+    sample_size: Optional[int] = None
+    sample_size_at_gap: Optional[int] = None
+    devices: List[str] = field(default_factory=list)
+    pairwise: Optional[metrics.Pairwise] = None
+    differences: List[metrics.Difference] = field(default_factory=list)
+
+
+@dataclass
 class CompareResult:
     """What ``run`` decided and wrote.
 
     ``rows`` are ordered top group first (cheapest first), then by val accuracy; ``pairwise``
-    holds every pair's test (names: the row labels); ``recommended`` is the cheapest top-group
-    row. ``outputs``/``figures`` name the files of the published set.
+    holds every pair's test (names: the row labels); ``recommended`` is the cheapest row
+    non-inferior to the most accurate within the margin, and ``decision`` the numbers behind it.
+    ``outputs``/``figures`` name the files of the published set.
     """
 
     rows: List[Row]
@@ -101,6 +149,7 @@ class CompareResult:
     alpha: float
     pairwise: Optional[metrics.Pairwise] = None
     recommended: Optional[Row] = None
+    decision: Optional[Decision] = None
     curve: Optional[CurveReport] = None
     pca: List[plots.PcaPanel] = field(default_factory=list)
     outputs: Dict[str, str] = field(default_factory=dict)
@@ -143,11 +192,22 @@ def _fmt_acc(mean: float, std: Optional[float], seeds: int) -> str:
 
 
 def _fmt_group(row: Row) -> str:
-    if row.recommended:
-        return "**top group, recommended**"
-    if row.top:
-        return "top group"
-    return "below " + ", ".join(row.beaten_by)
+    group = "top group" if row.top else "below " + ", ".join(row.beaten_by)
+    return f"**{group}, recommended**" if row.recommended else group
+
+
+def _fmt_ci(low: float, high: float) -> str:
+    return f"[{low:+.3f}, {high:+.3f}]"
+
+
+def _fmt_gap(row: Row) -> str:
+    """The row's paired difference to the most accurate row with its 95% CI, and the margin mark."""
+    if row.gap is None:
+        return "—"
+    if row.best:
+        return "most accurate"
+    mark = " ✓ within margin" if row.noninferior else ""
+    return f"{row.gap.diff:+.3f} {_fmt_ci(row.gap.low, row.gap.high)}{mark}"
 
 
 def _fmt_best_val(row: Row) -> str:
@@ -158,8 +218,10 @@ def _fmt_best_val(row: Row) -> str:
     return f"{acc:.3f} (epoch {', '.join(str(e) for e in epochs)})"
 
 
-_HEADER = ("method", "kind", "val acc", "95% CI", "balanced acc", "total time", "training time",
-           "inference/img", "trainable params", "backbone", "weights", "device", "which wins", BEST_VAL_HEADER)
+GAP_HEADER = "Δ to most accurate [95% CI]"
+_HEADER = ("method", "kind", "val acc", "95% CI", GAP_HEADER, "balanced acc", "total time", "training time",
+           "val passes (not charged)", "inference/img", "trainable params", "backbone", "weights", "device",
+           "which wins", BEST_VAL_HEADER)
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -175,10 +237,12 @@ def table(rows: Sequence[Row]) -> str:
         lines.append([
             row.label, "head" if row.kind == "head" else "end-to-end",
             _fmt_acc(row.accuracy, row.accuracy_std, row.seeds),
-            f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "per seed ↓",
+            f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "per seed ↓", _fmt_gap(row),
             _fmt_acc(row.balanced_accuracy, row.balanced_accuracy_std, row.seeds).split(" (")[0],
             format_duration(row.total_seconds) + (" ¹" if row.kind == "head" else ""),
-            format_duration(row.train_seconds), f"{row.predict_ms:.1f} ms", _fmt_params(row.trainable_parameters),
+            format_duration(row.train_seconds),
+            format_duration(row.eval_seconds) if row.kind == "run" and row.eval_seconds else "—",
+            f"{row.predict_ms:.1f} ms", _fmt_params(row.trainable_parameters),
             row.backbone, row.weights_label, row.device or "?", _fmt_group(row), _fmt_best_val(row),
         ])
     return markdown_table(_HEADER, lines)
@@ -194,24 +258,66 @@ def seed_table(res: CompareResult) -> str:
             lo, hi = r.ci95
             lines.append([row.label, str(r.seed), f"{r.accuracy:.3f}", f"[{lo:.3f}, {hi:.3f}]",
                           f"{r.balanced_accuracy:.3f}", format_duration(r.total_seconds), r.weights_label,
-                          "yes" if r is row.representative else "",
+                          "figures" if r is row.representative else "",
                           "—" if r.best_val_acc is None else f"{r.best_val_acc:.3f} (epoch {r.best_val_epoch})"])
     return markdown_table(("method", "seed", "val acc", "95% CI", "balanced acc", "total time", "weights",
-                           "used by the tests", BEST_VAL_HEADER), lines)
+                           "confusion / prediction figures", BEST_VAL_HEADER), lines)
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:g} points"
+
+
+def answer(d: Decision) -> List[str]:
+    """The answer line (always with the recommended row's gap to the most accurate and its CI) and
+    the val-size sentence."""
+    rec, best, nsw = d.recommended, d.best, d.not_shown_worse
+    m = _pts(d.margin)
+
+    def gap(row: Row) -> str:
+        return f"{row.gap.diff:+.3f} {_fmt_ci(row.gap.low, row.gap.high).replace('[', '[95% CI ')}"
+
+    head = f"Answer: **{rec.label}** (weights {rec.weights_label})"
+    if not rec.best:
+        line = (f"{head}, the cheapest method non-inferior to the most accurate, {best.label} "
+                f"({best.accuracy:.3f}), within {m}: gap {gap(rec)}, whose lower end lies above -{d.margin:g}; "
+                f"{format_duration(rec.total_seconds)} total compute against {format_duration(best.total_seconds)}.")
+    elif not nsw.best:
+        line = (f"{head}, the most accurate method ({rec.accuracy:.3f}, gap +0.000), is recommended because "
+                f"no cheaper method is certified within {m} on these {d.n_val} val images: the cheapest not "
+                f"shown worse, {nsw.label}, is {gap(nsw)} behind it, so it may be up to {-nsw.gap.low:.3f} worse.")
+    elif d.cheaper is not None:
+        line = (f"{head}, the most accurate method ({rec.accuracy:.3f}, gap +0.000), is recommended because every "
+                f"cheaper method is shown worse and none is certified within {m}: the cheapest, "
+                f"{d.cheaper.label}, is {gap(d.cheaper)} behind it.")
+    else:
+        line = (f"{head}, the most accurate method ({rec.accuracy:.3f}, gap +0.000) and also the cheapest, is "
+                "recommended.")
+    if len(d.devices) > 1:
+        line += (f" Its times were measured on different devices ({', '.join(d.devices)}): the cost ranking is "
+                 "not like for like.")
+    out = [line]
+    c = d.candidate
+    if c is not None:
+        at_gap = ("" if abs(c.gap.diff) < 1e-12 else
+                  f"{d.sample_size_at_gap} if the true gap is the observed {c.gap.diff:+.3f}; "
+                  if d.sample_size_at_gap is not None else
+                  f"none would if the true gap is the observed {c.gap.diff:+.3f}, beyond the margin; ")
+        out.append(f"Val size: certifying {c.label} within {m} of {best.label} at their observed disagreement "
+                   f"rate ({c.gap.discordance:.1%} of val images) needs about {d.sample_size} val images if the "
+                   f"two are truly equally accurate ({at_gap}80% power, one-sided 2.5%); this val set has "
+                   f"{d.n_val}" + (", and it certified it." if c.noninferior else "."))
+    return out
 
 
 def notes(res: CompareResult) -> List[str]:
     ref = res.reference
     out = []
     top = [r for r in res.rows if r.top]
-    if res.recommended is not None:
-        rec = res.recommended
-        ci = rec.ci95
-        ci_txt = f" [95% CI {ci[0]:.3f}, {ci[1]:.3f}]" if ci else f" (mean of {rec.seeds} seeds)"
-        out.append(f"Answer: **{rec.label}** (weights {rec.weights_label}), the cheapest method of the top group "
-                   f"({format_duration(rec.total_seconds)} total compute), val accuracy {rec.accuracy:.3f}{ci_txt}.")
-        out.append(f"Top group (no other method is significantly better; all-pairs exact McNemar, Holm-corrected, "
-                   f"alpha {res.alpha:g}): " + ", ".join(r.label for r in top) + ".")
+    if res.decision is not None:
+        out.extend(answer(res.decision))
+        out.append(f"Top group (no other method is significantly better; all-pairs exact paired tests over every "
+                   f"seed, Holm-corrected, alpha {res.alpha:g}): " + ", ".join(r.label for r in top) + ".")
     if res.curve is not None and res.curve.sentence:
         out.append(res.curve.sentence)
     out.append(f"Val set: {ref['n_val']} images of {len(ref['classes'])} classes "
@@ -221,27 +327,41 @@ def notes(res: CompareResult) -> List[str]:
         out.append(f"Results with weights {', '.join(ids)} are {NOT_PRETRAINED} (random init): "
                    "not transfer-learning results.")
     if any(r.kind == "head" for r in res.rows):
-        out.append("¹ A head's total time = the full feature extraction of its cache (shared by all heads on "
-                   "that cache, charged to each in full) + its fit time; its inference time = backbone "
-                   "extraction per image + head prediction.")
+        out.append("¹ A head's total time = the feature extraction of its cache (shared by all heads on "
+                   "that cache, charged to each in full; augmented views only to heads trained on them) + its "
+                   "fit time; its inference time = backbone extraction per image + head prediction.")
+    if any(r.kind == "run" for r in res.rows):
+        out.append("An end-to-end run's total time is its training; the val passes it made during training "
+                   "(learning curves and the best-val column only; `finetune --eval-every 0` skips them) are "
+                   "shown apart and not charged.")
     return out
 
 
 _PROTOCOL = [
     "What each number was selected on and scored on: heads choose their hyper-parameter by "
     "cross-validation on train; end-to-end runs report their final epoch (or, with `--select holdout:F`, "
-    "the epoch best on a held-out part of train). Every `val acc` is then scored once on val. Nothing in "
-    "`val acc`, `which wins` or the figures was chosen on val.",
-    "95% CI: Wilson interval of the val accuracy. `which wins`: every pair of rows is tested with an exact "
-    "McNemar test on the same val images, Holm–Bonferroni-corrected over all pairs; the top group is every "
-    "row that no other row beats significantly; `below X` names the rows that do. The recommendation is the "
-    "top group's cheapest member by total compute time. Every pair (b, c, raw and adjusted p) is in "
-    "`compare.json` and `compare.csv`.",
+    "the epoch best on a held-out part of train). Every `val acc` is then scored once on val, and no "
+    "model was chosen on val. The recommendation itself, though, is a choice made on val: the most accurate "
+    "row is a maximum over the rows on these val images, so its accuracy is optimistic and the gaps to it "
+    "are measured against a row that was picked for being high; confirm the recommended method on new "
+    "images before relying on its number.",
+    "95% CI: Wilson interval of the val accuracy. `Δ to most accurate`: the row's accuracy minus the most "
+    "accurate row's, paired on the same val images, with Newcombe's hybrid score 95% interval for paired "
+    "proportions (method 10 of Newcombe 1998, Statistics in Medicine 17:873–890), computed on the 2x2 table "
+    "averaged over every pair of seeds; `✓ within margin`: its lower end lies above -margin (non-inferior). "
+    "The answer is the cheapest non-inferior row by total compute time. Val size: n = (z_0.975 + z_0.8)² "
+    "(ψ − Δ²)/(Δ + margin)², ψ the share of val images the two disagree on (Connor 1987).",
+    "`which wins`: every pair of rows is tested on the same val images with an exact paired sign-flip test of "
+    "the per-image mean correctness over every seed of each row (for one seed against one seed this is the "
+    "exact McNemar test), Holm–Bonferroni-corrected over all pairs; the top group is every row that no other "
+    "row beats significantly; `below X` names the rows that do. Every pair (b, c, raw and adjusted p, the "
+    "difference with its CI) is in `compare.json` and `compare.csv`.",
     f"`{BEST_VAL_HEADER}`: the tutorial's number, the highest val accuracy over the epochs of a run. It was "
     "chosen by looking at val, so it overstates what the run would score on new images; it is shown for "
     "reference only and is never ranked, tested or plotted.",
-    "Several seeds: mean ± sample std over seeds; the paired tests, confusion matrix and prediction grid use "
-    "the lowest seed (fixed in advance). Per-seed rows are in `compare.csv` and `compare.json`.",
+    "Several seeds: mean ± sample std over seeds; the paired tests and intervals use every seed (per-image "
+    "mean correctness); the confusion matrix and prediction grid show the lowest seed. Per-seed rows are in "
+    "`compare.csv` and `compare.json`.",
 ]
 
 
@@ -278,7 +398,10 @@ def _row_record(row: Row) -> dict:
         "weights_id": row.weights_id, "pretrained": row.pretrained, "weights": row.weights_label,
         "device": row.device, "top_group": row.top, "recommended": row.recommended,
         "beaten_by": ";".join(row.beaten_by),
-        "tested_seed": row.representative.seed if row.kind == "run" else None,
+        "tested_seeds": ";".join(str(r.seed) for r in row.results) if row.kind == "run" else None,
+        "most_accurate": row.best, "gap_to_best": row.gap.diff if row.gap else None,
+        "gap_ci95_low": row.gap.low if row.gap else None, "gap_ci95_high": row.gap.high if row.gap else None,
+        "noninferior": row.noninferior, "eval_seconds": row.eval_seconds,
         "best_val_acc_chosen_on_val": best[0] if best else None,
     }
 
@@ -287,8 +410,12 @@ def _pair_records(res: CompareResult) -> List[dict]:
     if res.pairwise is None:
         return []
     names = res.pairwise.names
+    diffs = res.decision.differences if res.decision is not None else [None] * len(res.pairwise.tests)
     return [{"a": names[t.i], "b_label": names[t.j], "b": t.b, "c": t.c, "p_raw": t.p, "p_adjusted": t.p_adjusted,
-             "winner": names[t.winner] if t.winner is not None else None} for t in res.pairwise.tests]
+             "winner": names[t.winner] if t.winner is not None else None,
+             "difference": d.diff if d else None, "difference_ci95_low": d.low if d else None,
+             "difference_ci95_high": d.high if d else None, "discordance": d.discordance if d else None}
+            for t, d in zip(res.pairwise.tests, diffs)]
 
 
 _CSV_FIELDS = [
@@ -296,8 +423,9 @@ _CSV_FIELDS = [
     "accuracy_ci95_low", "accuracy_ci95_high", "balanced_accuracy", "balanced_accuracy_std", "n_val",
     "correct", "total_seconds", "train_seconds", "extract_seconds", "predict_ms_per_image",
     "trainable_parameters", "weights", "weights_id", "weights_sha256", "pretrained", "device", "selection",
-    "train_per_class", "top_group", "recommended", "beaten_by", "tested_seed", "other", "b", "c", "p_raw",
-    "p_adjusted", "winner", "k", "n_subsets", "best_val_acc_chosen_on_val", "best_val_epoch_chosen_on_val",
+    "train_per_class", "top_group", "recommended", "beaten_by", "tested_seeds", "most_accurate", "gap_to_best",
+    "gap_ci95_low", "gap_ci95_high", "noninferior", "eval_seconds", "other", "b", "c", "p_raw",
+    "p_adjusted", "winner", "difference", "difference_ci95_low", "difference_ci95_high", "discordance", "k", "n_subsets", "best_val_acc_chosen_on_val", "best_val_epoch_chosen_on_val",
     "comparable", "issue", "data_root", "features_path", "source",
 ]
 
@@ -312,11 +440,12 @@ def csv_text(res: CompareResult) -> str:
     for row in res.rows:
         writer.writerow(dict(_row_record(row), row_type="method", comparable=True))
         for r in row.results:
-            writer.writerow(dict(_result_record(r), row_type="result", label=row.label, comparable=True,
-                                 tested_seed=r.seed if r is row.representative and row.kind == "run" else None))
+            writer.writerow(dict(_result_record(r), row_type="result", label=row.label, comparable=True))
     for p in _pair_records(res):
         writer.writerow({"row_type": "pair", "label": p["a"], "other": p["b_label"], "b": p["b"], "c": p["c"],
-                         "p_raw": p["p_raw"], "p_adjusted": p["p_adjusted"], "winner": p["winner"] or ""})
+                         "p_raw": p["p_raw"], "p_adjusted": p["p_adjusted"], "winner": p["winner"] or "",
+                         "difference": p["difference"], "difference_ci95_low": p["difference_ci95_low"],
+                         "difference_ci95_high": p["difference_ci95_high"], "discordance": p["discordance"]})
     if res.curve is not None:
         for series in res.curve.series:
             for k, m, s, n in zip(series.k, series.mean, series.std, series.n):
@@ -334,13 +463,30 @@ def json_doc(res: CompareResult) -> dict:
         "kind": "compare",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "alpha": res.alpha,
-        "test": ("exact two-sided McNemar (binomial on discordant pairs) for every pair of rows on the same val "
-                 "images, Holm-Bonferroni over all pairs; top group: rows no other row beats at alpha"),
+        "test": ("exact two-sided paired sign-flip test of the per-image mean correctness over every seed (exact "
+                 "McNemar for one seed against one seed) for every pair of rows on the same val images, "
+                 "Holm-Bonferroni over all pairs; top group: rows no other row beats at alpha"),
+        "effect_size": ("accuracy difference (a minus b; a row minus the most accurate), paired on the same val "
+                        "images, 95% CI: Newcombe 1998 hybrid score interval for paired proportions (method 10) on "
+                        "the 2x2 table averaged over every pair of seeds"),
+        "margin": res.decision.margin if res.decision else None,
+        "decision_rule": ("the cheapest row (total compute time) whose gap to the most accurate row has a 95% CI "
+                          "lower bound above -margin; the most accurate row is itself chosen on val"),
+        "most_accurate": res.decision.best.label if res.decision else None,
+        "not_shown_worse": res.decision.not_shown_worse.label if res.decision else None,
+        "val_size": ({"candidate": res.decision.candidate.label, "images_if_equal": res.decision.sample_size,
+                      "images_at_observed_gap": res.decision.sample_size_at_gap,
+                      "discordance": res.decision.candidate.gap.discordance, "power": 0.8,
+                      "one_sided_alpha": 0.025,
+                      "formula": "n = (z_0.975 + z_0.8)^2 (psi - gap^2) / (gap + margin)^2"}
+                     if res.decision and res.decision.candidate is not None else None),
+        "answer": answer(res.decision) if res.decision else [],
         "selection_rule": ("heads: hyper-parameter by CV on train; runs: final epoch or --select holdout:F on "
                            "held-out train images; every accuracy scored once on val"),
-        "compute_time_rule": ("head: full extraction of its feature cache (shared, charged to each head in full) "
-                              "+ fit_seconds; run: total_seconds"),
-        "seeds_rule": "several seeds: mean ± sample std; the tests use the lowest seed",
+        "compute_time_rule": ("head: extraction of its feature cache (shared, charged to each head in full; "
+                              "augmented views only to heads trained on them) + fit_seconds; run: total_seconds "
+                              "less the val passes made during training (eval_seconds, shown apart)"),
+        "seeds_rule": "several seeds: mean ± sample std; the tests and intervals use every seed",
         "reference": res.reference,
         "top_group": [r.label for r in res.rows if r.top],
         "recommended": rec.label if rec else None,

@@ -9,7 +9,13 @@ Unreadable or incomplete files are skipped with a warning, never half-used.
 Compute time: a head's total is the *full* feature extraction of the cache it was fitted on
 plus its own fit time (the extraction is shared by every head on that cache, but each head
 needs all of it, so each is charged in full: the fair cost of choosing that head alone). A
-run's total is its ``total_seconds``.
+run's total is its training time: ``total_seconds`` less the val passes made during training
+(``eval_seconds``: diagnostics only, skipped with ``finetune --eval-every 0``), shown apart.
+
+Rows: several seeds of one end-to-end *setting* form one row; the setting is the mode, weights,
+epochs, selection rule, images per class and every training setting of
+:data:`pipeline.records.RUN_SETTING_KEYS` (backbone, lr, batch size, momentum, weight decay,
+schedule, bn, trainable-from, precision). Runs that differ in any of them are separate rows.
 """
 from __future__ import annotations
 
@@ -25,11 +31,12 @@ import numpy as np
 
 from ..errors import UserError
 from ..config import DEFAULT_BACKBONE
+from ..features import store
 from ..paths import RUN_HISTORY, RUN_METRICS, for_backbone, heads_dir, runs_dir
-from ..records import HeadRecord, RecordError, RunRecord, read_json
+from ..records import HeadRecord, RecordError, RunRecord, read_json, run_setting
 
 __all__ = ["NOT_PRETRAINED", "Result", "Row", "weights_label", "load_results", "choose_reference",
-           "split_comparable", "make_rows", "correct_matrix", "mean_std"]
+           "split_comparable", "views_share", "setting_key", "make_rows", "correct_matrix", "mean_std"]
 
 NOT_PRETRAINED = "not pretrained"
 
@@ -67,7 +74,8 @@ class Result:
     seed: Optional[int] = None
     epochs: Optional[int] = None
     head: str = ""  # heads: the registry name (logistic, ridge, ...)
-    extract_seconds: float = 0.0  # heads: the whole extraction of their feature cache
+    extract_seconds: float = 0.0  # heads: the extraction of their feature cache they are charged
+    extract_images: int = 0  # heads: the images that extraction covered
     features_path: str = ""  # heads: the feature cache they were fitted on
     features_key: str = ""  # heads: content key of that cache
     used_views: bool = False  # heads: also trained on cached augmented views
@@ -77,6 +85,9 @@ class Result:
     backbone: str = DEFAULT_BACKBONE  # the network the features or the run came from
     best_val_acc: Optional[float] = None
     history: Optional[dict] = None  # runs: history.json
+    setting: Dict[str, object] = field(default_factory=dict)  # runs: records.run_setting of its settings
+    eval_seconds: float = 0.0  # runs: val passes during training (diagnostics; not in total_seconds)
+    created: str = ""
     issue: str = ""  # why it is not comparable with the reference ("" when it is)
 
     @property
@@ -114,21 +125,39 @@ def weights_label(weights_id: str, pretrained: bool) -> str:
     return weights_id if pretrained else f"{weights_id} ({NOT_PRETRAINED})"
 
 
+def views_share(features_path: str) -> float:
+    """The share of a feature cache's extraction spent on augmented views, by forward passes:
+    ``K * n_train / (n_images + K * n_train)`` for ``K`` views of each train image (each view is
+    one more pass of the same network over the same image size); 0 without views or without the
+    file."""
+    try:
+        splits = store.read_meta(features_path)["splits"]
+    except Exception:  # a moved or damaged cache: charge in full, as before
+        return 0.0
+    plain = sum(info["n"] for info in splits.values())
+    views = sum(info["n"] * info["views"] for info in splits.values())
+    return views / (plain + views) if plain + views else 0.0
+
+
 def _load_head(path: str, doc: dict) -> Result:
     rec = HeadRecord.from_json(doc)
     feats = rec.features
     if rec.metrics["n"] == 0:
         raise _Skip("no val images were evaluated (n=0)")
     backbone_ms = 1000.0 * feats.extract_seconds / feats.n_images if feats.n_images > 0 else 0.0
+    # Augmented views are charged only to the heads trained on them.
+    share = 0.0 if rec.used_views or not feats.path or not os.path.isfile(feats.path) else views_share(feats.path)
+    extract = feats.extract_seconds * (1.0 - share)
     return Result(
         kind="head", name=rec.name, method=rec.name, source=path,
         metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
         weights_id=feats.weights.id, weights_sha256=feats.weights.sha256, pretrained=feats.weights.pretrained,
-        total_seconds=feats.extract_seconds + rec.fit_seconds, train_seconds=rec.fit_seconds,
+        total_seconds=extract + rec.fit_seconds, train_seconds=rec.fit_seconds,
         predict_ms=backbone_ms + rec.predict_us_per_image / 1000.0,
         trainable_parameters=rec.trainable_parameters,
         device=feats.extract_device, head=str(rec.settings.get("head", rec.name)),
-        extract_seconds=feats.extract_seconds, features_path=feats.path, features_key=feats.content_key,
+        extract_seconds=extract, extract_images=feats.n_images, features_path=feats.path,
+        features_key=feats.content_key,
         used_views=rec.used_views, backbone=feats.backbone or DEFAULT_BACKBONE,
     )
 
@@ -146,10 +175,11 @@ def _load_run(path: str, doc: dict) -> Result:
         method=for_backbone(rec.backbone, rec.mode) + ("" if rule == "final" else f" ({selection})"),
         source=path, metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
         weights_id=rec.weights.id, weights_sha256=rec.weights.sha256, pretrained=rec.weights.pretrained,
-        total_seconds=rec.total_seconds, train_seconds=rec.total_seconds,
+        total_seconds=rec.total_seconds - rec.eval_seconds, train_seconds=rec.total_seconds - rec.eval_seconds,
         predict_ms=rec.predict_ms_per_image, trainable_parameters=rec.trainable_parameters,
         device=rec.device, seed=rec.seed, epochs=rec.epochs, selection=selection,
         train_per_class=rec.train_per_class, best_val_epoch=rec.best_val_epoch, best_val_acc=rec.best_val_acc,
+        setting=run_setting(rec.settings), eval_seconds=rec.eval_seconds, created=rec.created,
         backbone=rec.backbone,
     )
     result.history = _load_history(os.path.join(os.path.dirname(path), RUN_HISTORY))
@@ -305,7 +335,7 @@ class Row:
     weights_id: str
     pretrained: bool
     results: List[Result]
-    representative: Result
+    representative: Result  # the lowest seed: confusion matrix and prediction grid (tests use every seed)
     accuracy: float
     accuracy_std: Optional[float]
     balanced_accuracy: float
@@ -315,10 +345,14 @@ class Row:
     predict_ms: float
     trainable_parameters: Optional[int]
     device: str
-    top: bool = False  # no other row beats it significantly (Holm-adjusted McNemar)
-    recommended: bool = False  # the cheapest member of the top group
+    eval_seconds: float = 0.0  # runs: mean val passes during training (not in total_seconds)
+    top: bool = False  # no other row beats it significantly (Holm-adjusted, every seed)
+    recommended: bool = False  # the cheapest row non-inferior to the most accurate within the margin
     beaten_by: List[str] = field(default_factory=list)  # labels of the rows that beat it
     backbone: str = DEFAULT_BACKBONE
+    best: bool = False  # the most accurate row (mean over seeds; ties: the cheapest)
+    gap: Optional[object] = None  # metrics.Difference: this row minus the most accurate, every seed
+    noninferior: bool = False  # gap's 95% CI lower bound > -margin
 
     @property
     def ci95(self) -> Optional[Tuple[float, float]]:
@@ -341,42 +375,83 @@ class Row:
         return float(np.mean(accs)), [r.best_val_epoch for r in self.results]
 
 
+def _seeded_random(r: Result) -> bool:
+    """Random init drawn from the run's own seed (``--weights random``, ``scratch``): the weights
+    differ with the seed by design, so they are part of the seed, not of the setting."""
+    return not r.pretrained and r.seed is not None and r.weights_id == f"random-seed{r.seed}"
+
+
+def setting_key(r: Result) -> tuple:
+    """What makes runs one setting (one row): everything but the seed (and a random init drawn
+    from the seed)."""
+    weights = "random-seed<seed>" if _seeded_random(r) else r.weights_id
+    return (r.kind, r.method, weights, r.epochs, r.selection, r.train_per_class,
+            tuple(sorted((k, repr(v)) for k, v in r.setting.items())))
+
+
+def _one_per_seed(members: List[Result]) -> List[Result]:
+    """Two results of one setting and one seed (an old run folder beside a renamed one): the newest
+    counts, the other is named in a warning, never averaged in as another seed."""
+    by_seed: Dict[object, Result] = {}
+    for r in sorted(members, key=lambda r: (r.created, r.source)):
+        if r.seed in by_seed:
+            warnings.warn(f"{by_seed[r.seed].source} and {r.source} hold the same setting and seed {r.seed}; "
+                          f"using the newer, {r.source} (delete the other folder to silence this)")
+        by_seed[r.seed] = r
+    return list(by_seed.values())
+
+
 def make_rows(results: List[Result]) -> List[Row]:
-    """One row per head and per end-to-end setting (backbone, mode, weights, epochs, selection rule)."""
+    """One row per head and per end-to-end setting (:func:`setting_key`, the backbone among it; seeds
+    aggregated)."""
     groups: Dict[tuple, List[Result]] = {}
     for r in results:
-        key = ((r.kind, r.backbone, r.method, r.weights_id, r.epochs, r.selection, r.train_per_class) if r.kind == "run"
-               else ("head", r.source))
+        key = setting_key(r) if r.kind == "run" else ("head", r.source)
         groups.setdefault(key, []).append(r)
     rows = []
     for members in groups.values():
+        members = _one_per_seed(members) if members[0].kind == "run" else members
         members.sort(key=lambda r: (r.seed if r.seed is not None else -1, r.name))
         first = members[0]
         acc, acc_std = mean_std([r.accuracy for r in members])
         bal, bal_std = mean_std([r.balanced_accuracy for r in members])
         params = {r.trainable_parameters for r in members}
         rows.append(Row(
-            label=first.method, kind=first.kind, method=first.method, weights_id=first.weights_id,
+            label=first.method, kind=first.kind, method=first.method,
+            weights_id=(first.weights_id if len({r.weights_id for r in members}) == 1
+                        else "random-seed" + ",".join(str(r.seed) for r in members)),
             pretrained=first.pretrained, results=members, representative=first,
             accuracy=acc, accuracy_std=acc_std, balanced_accuracy=bal, balanced_accuracy_std=bal_std,
             total_seconds=mean_std([r.total_seconds for r in members])[0],
             train_seconds=mean_std([r.train_seconds for r in members])[0],
             predict_ms=mean_std([r.predict_ms for r in members])[0],
             trainable_parameters=params.pop() if len(params) == 1 else None,
-            device=", ".join(sorted({r.device for r in members if r.device})), backbone=first.backbone,
+            device=", ".join(sorted({r.device for r in members if r.device})),
+            eval_seconds=mean_std([r.eval_seconds for r in members])[0], backbone=first.backbone,
         ))
     _disambiguate(rows)
     return rows
 
 
 def _disambiguate(rows: List[Row]) -> None:
-    """Make labels unique: add the weights, then augmented views / epochs, then the file name."""
+    """Make labels unique: add the training settings that differ (runs), then the weights, then
+    augmented views / epochs, then the file name."""
     def clashes():
         counts = Counter(r.label for r in rows)
         return [r for r in rows if counts[r.label] > 1]
 
+    suffixes = {}
+    for r in clashes():  # runs of other training settings: name the settings that differ
+        if r.kind == "run":
+            same = [o for o in rows if o.label == r.label]
+            differ = [k for k in sorted(r.results[0].setting)
+                      if len({repr(o.results[0].setting.get(k)) for o in same}) > 1]
+            if differ:
+                suffixes[id(r)] = " " + ", ".join(f"{k}={r.results[0].setting[k]}" for k in differ)
+    for r in rows:
+        r.label += suffixes.get(id(r), "")
     for r in clashes():
-        r.label = f"{r.method} [{r.weights_label}]"
+        r.label = r.label.replace(r.method, f"{r.method} [{r.weights_label}]", 1)
     for r in clashes():
         if r.kind == "run" and r.results[0].epochs is not None:
             r.label += f" {r.results[0].epochs} ep"

@@ -6,5 +6,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
                      "seeded", "ImageDataset", "ExtractionDataset"],
     ".images": ["is_image_file", "checked_utf8", "walk_images", "collect_images", "decode_image", "load_image",
                 "eval_array", "INTERPOLATIONS"],
-    ".splits": ["per_class_subset", "holdout_split"],
+    ".splits": ["CURVE_SEED", "per_class_subset", "train_subset", "holdout_split"],
 })

@@ -122,7 +122,9 @@ def plan(cfg: FinetuneConfig, seed: int, splits: Dict[str, List[data.Item]],
             small = classes[int(counts.argmin())]
             raise UserError(f"--train-per-class {cfg.train_per_class} exceeds the {counts.min()} train images of "
                             f"class {small!r}; use at most {counts.min()}, or 0 for every train image")
-        train = [train[i] for i in subsets.per_class_subset(labels, cfg.train_per_class, seed)]
+        # The data-size curve's subset of this k and number: the heads' subset ``seed`` holds the same images.
+        train = [train[i] for i in subsets.train_subset(labels, cfg.train_per_class, seed,
+                                                        keys=[i.relpath for i in train])]
     plan = {"train": train, "val": list(splits["val"])}
     rule, fraction = parse_select(cfg.select)
     if rule == "holdout":

@@ -56,7 +56,7 @@ from ..config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_se
 from .checkpoints import RUN_FORMAT, verify_checkpoint  # noqa: F401 (re-exported: tests and export read them here)
 from ..features.extraction import default_batch_size, default_workers
 from .result import FinetuneResult, RunResult
-from ..records import RunRecord
+from ..records import RUN_SETTING_KEYS, RunRecord, setting_digest
 from ..versions import TORCH_STACK, library_versions
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "FinetuneResult",
     "run",
     "run_name",
+    "setting_tag",
     "run_dir",
     "Step",
     "train_one_epoch",
@@ -83,19 +84,38 @@ _STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "pool", "fc")
 # --------------------------------------------------------------------------- entry point
 
 
-def run_name(mode: str, seed: int, select: str = "final", train_per_class: int = 0, backbone: str = "") -> str:
-    """``[<backbone>-]<mode>[-k<K>][-holdout<F>][-<seed>]``: e.g. ``finetune``, ``scratch-3``,
-    ``finetune-k8``, ``efficientnet_lite0-finetune``. Runs of other backbones, train subsets or
-    selection rules never share a folder (the default backbone keeps the plain names)."""
+def run_name(mode: str, seed: int, select: str = "final", train_per_class: int = 0, setting: str = "",
+             backbone: str = "") -> str:
+    """``[<backbone>-]<mode>[-k<K>][-holdout<F>][-s<setting>][-<seed>]``: e.g. ``finetune``,
+    ``scratch-3``, ``finetune-k8``, ``finetune-holdout0.2``, ``finetune-s1a2b3c4d``,
+    ``efficientnet_lite0-finetune``. ``setting`` is :func:`setting_tag`: empty with the default
+    training settings (so the usual folders keep their names), else a short hash of them; the
+    default backbone keeps the plain names. Runs of other backbones, train subsets, selection
+    rules or training settings never share a folder."""
     rule, fraction = parse_select(select)
     name = mode + (f"-k{train_per_class}" if train_per_class else "")
     name += f"-holdout{fraction:g}" if rule == "holdout" else ""
+    name += f"-s{setting}" if setting else ""
     return paths.for_backbone(backbone, name if seed == 0 else f"{name}-{seed}")
 
 
+def setting_tag(cfg: FinetuneConfig) -> str:
+    """``""`` when every training setting of :data:`pipeline.records.RUN_SETTING_KEYS` is the
+    default, else :func:`pipeline.records.setting_digest` of them (as requested on the command line).
+    The backbone is not among them here: the folder name carries it as its prefix."""
+    def requested(c: FinetuneConfig) -> dict:
+        values = {k: getattr(c, k, None) for k in RUN_SETTING_KEYS}
+        values["backbone"] = None
+        values["trainable_from"] = c.trainable_from if c.mode == "partial" else None
+        return values
+
+    mine = requested(cfg)
+    return "" if mine == requested(dataclasses.replace(FinetuneConfig(), mode=cfg.mode)) else setting_digest(mine)
+
+
 def run_dir(cache: str, mode: str, seed: int, select: str = "final", train_per_class: int = 0,
-            backbone: str = "") -> str:
-    return paths.run_dir(cache, run_name(mode, seed, select, train_per_class, backbone))
+            setting: str = "", backbone: str = "") -> str:
+    return paths.run_dir(cache, run_name(mode, seed, select, train_per_class, setting, backbone))
 
 
 def run(cfg: FinetuneConfig) -> FinetuneResult:
@@ -143,12 +163,12 @@ class FinetuneRun:
 
     @property
     def name(self) -> str:
-        return run_name(self.cfg.mode, self.seed, self.cfg.select, self.cfg.train_per_class, self.backbone.name)
+        return run_name(self.cfg.mode, self.seed, self.cfg.select, self.cfg.train_per_class, setting_tag(self.cfg),
+                        self.backbone.name)
 
     @property
     def directory(self) -> str:
-        return run_dir(self.cfg.cache, self.cfg.mode, self.seed, self.cfg.select, self.cfg.train_per_class,
-                       self.backbone.name)
+        return paths.run_dir(self.cfg.cache, self.name)
 
     def file(self, name: str) -> str:
         return os.path.join(self.directory, name)
@@ -269,10 +289,14 @@ def _epoch(ctx: FinetuneRun, t: _Training, epoch: int) -> dict:
         bar.close()
     t.scheduler.step()
     train_seconds = time.perf_counter() - started
-    val_loss, pred, _ = evaluate(step, loaders.val)
-    val_acc = float((pred == loaders.val_labels).mean())
-    record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-              "val_acc": val_acc, "lr": lr}
+    record = {"epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc, "lr": lr}
+    shown = ""
+    if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):  # --eval-every
+        val_started = time.perf_counter()
+        val_loss, pred, _ = evaluate(step, loaders.val)
+        record.update(val_loss=val_loss, val_acc=float((pred == loaders.val_labels).mean()),
+                      val_seconds=time.perf_counter() - val_started)
+        shown = f"val loss {val_loss:.4f} acc {record['val_acc']:.4f}  "
     held = ""
     if loaders.holdout is not None:
         hold_loss, hold_pred, _ = evaluate(step, loaders.holdout)
@@ -282,7 +306,7 @@ def _epoch(ctx: FinetuneRun, t: _Training, epoch: int) -> dict:
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - started
     _say(f"{ctx.name} epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-         f"val loss {val_loss:.4f} acc {val_acc:.4f}{held}  lr {lr:.2g}  {seconds:.1f} s", cfg.progress)
+         f"{shown}{held.strip()}  lr {lr:.2g}  {seconds:.1f} s", cfg.progress)
     return dict(record, seconds=seconds, train_seconds=train_seconds)
 
 
@@ -315,8 +339,9 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
                               paths=[i.relpath for i in items], proba=proba)
     trainable, total = t.net.parameters()
     train_seconds = sum(h.get("train_seconds", h["seconds"]) for h in history)
-    # The tutorial's number, for reference only: the first epoch with the highest val accuracy.
-    best_val = 1 + int(np.argmax([h["val_acc"] for h in history]))
+    # The tutorial's number, for reference only: the first epoch with the highest val accuracy
+    # (of the epochs with a val pass: --eval-every).
+    best_val = 1 + int(np.argmax([h.get("val_acc", -1.0) for h in history]))
     record = RunRecord(
         name=ctx.name,
         mode=cfg.mode,
@@ -331,6 +356,7 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
         train_subset=[i.relpath for i in splits["train"]] if cfg.train_per_class else None,
         epochs=len(history),
         total_seconds=float(sum(h["seconds"] for h in history)),
+        eval_seconds=float(sum(h.get("val_seconds", 0.0) for h in history)),
         epoch_seconds=[h["seconds"] for h in history],
         images_per_s=t.loaders.n_train * len(history) / train_seconds if train_seconds else 0.0,
         predict_ms_per_image=1000.0 * predict_seconds / max(1, len(items)),

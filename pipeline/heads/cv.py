@@ -28,7 +28,8 @@ The basis is chosen from ``n`` and ``d`` (:func:`prepare_fold`). In it:
 
 Multiclass logistic regression (multinomial, as scikit-learn's lbfgs fits it), SGD and kNN
 run scikit-learn's own estimator over the grid (warm-started along it where the head's spec
-says so, in the span basis when the head's ``span`` flag allows). tests/test_heads.py checks
+says so: only where a warm start reaches the estimator the refit builds, a convex optimum;
+SGD with early stopping does not, so its grid values are fitted cold, in the span basis when the head's ``span`` flag allows). tests/test_heads.py checks
 the fast paths against scikit-learn fits on the original features, binary and multiclass,
 ``n < d`` and ``n > d``.
 """
