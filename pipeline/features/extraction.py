@@ -47,6 +47,8 @@ __all__ = [
 
 BATCH_SIZE = {"cpu": 32, "cuda": 256}  # images per forward pass by default, per device type
 SMALL_JOB = 64  # fewer images than this: no loader processes (starting them costs more)
+# torch.OutOfMemoryError first shipped in torch 2.5; torch.cuda's name is the same class.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 _WEIGHTS_KEPT = 2  # resolved weights kept per process (a ResNet18 state_dict is 45 MB)
 
 
@@ -93,19 +95,15 @@ def exact_fp32(device: torch.device, precision: str) -> Iterator[None]:
     torch allows TF32 convolutions on Ampere and later GPUs by default
     (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), so "fp32" would silently be
     TF32 (10-bit mantissa) and GPU fp32 features would differ from CPU fp32 ones beyond
-    rounding, under the same cache key. The previous settings come back after the block.
+    rounding, under the same cache key. The previous settings come back after the last
+    concurrent block (:func:`pipeline.backbones.device.ieee_fp32`).
     A no-op on CPU and for the other precisions.
     """
     if precision != "fp32" or device.type != "cuda":
         yield
         return
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
-    try:
+    with backbones.ieee_fp32():  # guarded per torch version, thread-safe
         yield
-    finally:
-        conv.fp32_precision, matmul.fp32_precision = before
 
 
 @contextlib.contextmanager
@@ -124,7 +122,7 @@ def out_of_memory_hint(device: torch.device, batch_size: int, option: str = "--b
     """A device out-of-memory error inside the block becomes one user error naming ``option``."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except _OUT_OF_MEMORY:
         lower = max(1, batch_size // 2)
         raise UserError(f"out of memory on {device} with {option} {batch_size}; lower it (e.g. {option} "
                         f"{lower}) or free the device") from None
