@@ -15,6 +15,7 @@ the transformer) all extract with :class:`Extractor`. This module is also the on
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -32,6 +33,8 @@ __all__ = [
     "BATCH_SIZE",
     "SMALL_JOB",
     "allowed_cores",
+    "cpu_quota",
+    "loader_batch_size",
     "default_batch_size",
     "default_workers",
     "sync",
@@ -55,12 +58,60 @@ _WEIGHTS_KEPT = 2  # resolved weights kept per process (a ResNet18 state_dict is
 # --------------------------------------------------------------------------- defaults
 
 
-def allowed_cores() -> int:
-    """Cores this process may run on (its CPU affinity), falling back to the machine's count."""
+# cgroup v2 (cpu.max) and v1 (cpu.cfs_quota_us / cpu.cfs_period_us) CPU quotas, as a container
+# sees them: `docker --cpus`, Kubernetes CPU limits.
+CGROUP_ROOT = "/sys/fs/cgroup"
+_CGROUP_V1_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu", "")
+
+
+def _read_first_line(path: str) -> str:
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return fh.readline().strip()
+    except OSError:
+        return ""
+
+
+def cpu_quota() -> Optional[float]:
+    """The CFS quota in cores (e.g. 2.5 for ``docker --cpus 2.5``), or None when there is none."""
+    quota, _, period = _read_first_line(os.path.join(CGROUP_ROOT, "cpu.max")).partition(" ")
+    if not quota:  # cgroup v1
+        for sub in _CGROUP_V1_DIRS:
+            quota = _read_first_line(os.path.join(CGROUP_ROOT, sub, "cpu.cfs_quota_us"))
+            period = _read_first_line(os.path.join(CGROUP_ROOT, sub, "cpu.cfs_period_us"))
+            if quota:
+                break
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max", missing or unreadable: no quota
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def allowed_cores() -> int:
+    """Cores this process may use: its CPU affinity (a SLURM or ``taskset`` allocation) capped by a CFS
+    quota (:func:`cpu_quota`, rounded up), falling back to the machine's count."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def loader_batch_size(forward_images: int, workers: int, images: Optional[int] = None) -> int:
+    """Images per loader batch, so that ``workers`` processes decode one forward batch together.
+
+    One worker assembles one loader batch. Were a loader batch the forward batch (256 on a GPU),
+    a split of at most 256 images would decode on one core while the others idle; a loader
+    batch of ``forward_images // workers`` (and at most ``images / workers``, for a job smaller
+    than that) spreads every forward batch over all the workers.
+    """
+    workers = max(1, workers)
+    size = forward_images // workers
+    if images:
+        size = min(size, math.ceil(images / workers))
+    return max(1, size)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -222,42 +273,68 @@ class Extractor:
 
     def loader(self, root: str, relpaths: Sequence[str], views: int = 0, seed: int = 0,
                draft: bool = True) -> torch.utils.data.DataLoader:
-        """Batches of ``data.ExtractionDataset`` samples holding at most ``batch_size`` images (views included)."""
+        """Batches of ``data.ExtractionDataset`` samples, :func:`loader_batch_size` of one forward batch each."""
         workers = default_workers(self.device, self.processes, len(relpaths)) if self.workers < 0 else self.workers
         return torch.utils.data.DataLoader(
             data.ExtractionDataset(root, relpaths, views=views, seed=seed, draft=draft),
-            batch_size=max(1, self.batch_size // (1 + views)),
+            batch_size=loader_batch_size(self._forward_images(views), workers, len(relpaths)),
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
         )
 
+    def _forward_images(self, views: int) -> int:
+        """Files per forward batch: ``batch_size`` images with their views."""
+        return max(1, self.batch_size // (1 + views))
+
     def batches(self, root: str, relpaths: Sequence[str], views: int = 0, seed: int = 0,
                 draft: bool = True) -> Iterator[Batch]:
-        """Features (and ``views`` augmented views) of every image, one :class:`Batch` per loader batch."""
+        """Features (and ``views`` augmented views) of every image, one :class:`Batch` per forward batch
+        (the loader batches the workers decoded together)."""
+        per_forward = self._forward_images(views)
         with torch.inference_mode():
+            group, count = [], 0
             for batch in self.loader(root, relpaths, views, seed, draft):
-                yield self._batch(batch, views)
+                group.append(batch)
+                count += len(batch["error"])
+                if count + len(batch["error"]) > per_forward:
+                    yield self._batch(group, views)
+                    group, count = [], 0
+            if group:
+                yield self._batch(group, views)
 
-    def _batch(self, batch: dict, views: int) -> Batch:
-        errors = list(batch["error"])
+    def _batch(self, group: List[dict], views: int) -> Batch:
+        errors = [e for batch in group for e in batch["error"]]
         n = len(errors)
         feats = np.zeros((n, FEATURE_DIM), np.float32)
         view_feats = np.zeros((n, views, FEATURE_DIM), np.float32) if views else None
-        # Consecutive decodable rows are slices of the (pinned) batch: views, not copies.
-        for start, stop in _runs([not e for e in errors]):
-            feats[start:stop] = self.forward(batch["image"][start:stop])
+        # Consecutive decodable rows are slices of the (pinned) loader batches: views, not copies.
+        rows, images, flat_views, offset = [], [], [], 0
+        for batch in group:
+            for start, stop in _runs([not e for e in batch["error"]]):
+                rows.extend(range(offset + start, offset + stop))
+                images.append(batch["image"][start:stop])
+                if views:
+                    flat_views.append(batch["views"][start:stop].flatten(0, 1))
+            offset += len(batch["error"])
+        if rows:
+            feats[rows] = self.forward(images)
             if views:
-                flat = batch["views"][start:stop].flatten(0, 1)
-                view_feats[start:stop] = self.forward(flat).reshape(stop - start, views, FEATURE_DIM)
-        return Batch(batch["index"].tolist(), list(batch["sha1"]), errors, feats, view_feats)
+                view_feats[rows] = self.forward(flat_views).reshape(len(rows), views, FEATURE_DIM)
+        index = [i for batch in group for i in batch["index"].tolist()]
+        return Batch(index, [h for batch in group for h in batch["sha1"]], errors, feats, view_feats)
 
-    def forward(self, images: torch.Tensor) -> np.ndarray:
-        """Features of ``images`` (n, 3, H, W) as float32 (n, 512), at most ``batch_size`` per pass."""
+    def forward(self, images) -> np.ndarray:
+        """Features of ``images`` (n, 3, H, W), or a list of such tensors taken as one, as float32 (n, 512);
+        at most ``batch_size`` per pass. Each tensor is copied to the device as it is (pinned loader
+        batches, no host copy first) and joined there."""
+        parts = list(images) if isinstance(images, (list, tuple)) else [images]
         out = []
         with out_of_memory_hint(self.device, self.batch_size), torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                x = images[start:start + self.batch_size].to(self.device, non_blocking=True)
+            parts = [p.to(self.device, non_blocking=True) for p in parts if len(p)]
+            joined = (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else None
+            for start in range(0, len(joined) if joined is not None else 0, self.batch_size):
+                x = joined[start:start + self.batch_size]
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with numerics(self.device, self.precision):
