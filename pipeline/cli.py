@@ -213,6 +213,9 @@ def _add_finetune(sub) -> None:
     p.add_argument("--train-per-class", type=integer, default=d.train_per_class, metavar="K",
                    help="train on K seeded images per class (a point of the data-size curve); 0: all")
     p.add_argument("--workers", type=integer, default=d.workers, help="data-loading processes; -1: automatic")
+    p.add_argument("--eval-batch-size", type=integer, default=d.eval_batch_size,
+                   help="images per pass without gradients (val, holdout, the frozen prefix of fixed/partial "
+                        "modes); 0: max(--batch-size, 32 on CPU, 256 on CUDA)")
     p.add_argument("--threads", type=integer, default=d.threads,
                    help="CPU threads for the network; 0: torch's default, one per physical core "
                         "(fewer leaves cores to others on a shared machine)")

@@ -242,6 +242,9 @@ class FinetuneConfig:
     select: str = "final"
     train_per_class: int = 0  # >0: train on K seeded images per class (a data-size curve point)
     workers: int = -1  # -1: automatic; results do not depend on it
+    # Images per pass without gradients (val, holdout, the frozen prefix): 0 is
+    # max(batch_size, 32 on CPU / 256 on CUDA).
+    eval_batch_size: int = 0
     threads: int = 0  # CPU threads for the network; 0: torch's default (one per physical core)
     channels_last: bool = True
     strict: bool = False  # an undecodable image is fatal instead of skipped
@@ -255,6 +258,7 @@ class FinetuneConfig:
         _one_of(self, "precision", PRECISIONS)
         _interval(self, "epochs", 1)
         _interval(self, "batch_size", 1)
+        _interval(self, "eval_batch_size", 0)
         f32 = f"{FLOAT32_MAX:.4g} (float32)"
         _interval(self, "lr", 0, FLOAT32_MAX, open_low=True, rule=f"> 0 and at most {f32}")
         _interval(self, "momentum", 0, 1, open_high=True, rule="in [0, 1)")

@@ -1,6 +1,8 @@
 """Issue 22: the GPU paths, round two, without a GPU (arch list, capability, cgroup files, device count patched)."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import threading
 import types
 import warnings
@@ -105,3 +107,164 @@ def test_auto_on_a_gpu_with_kernels_picks_it(v100, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert backbones.choose_device("auto") == torch.device("cuda")
+
+
+# --------------------------------------------------------------------------- 4. loader batches for the workers
+
+
+class _Features(torch.nn.Module):
+    """Stands in for the backbone: records each forward's size."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return x.float().mean((2, 3)).repeat(1, 171)[:, :512]
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_a_small_split_is_decoded_by_every_worker_and_forwarded_in_one_batch(tmp_path, monkeypatch, small_images,
+                                                                              workers):
+    from pipeline.data import imagefolder
+    from .conftest import make_dataset
+
+    root = make_dataset(tmp_path / "data", n_train=12, n_val=1)
+    relpaths = sorted(str(p.relative_to(root)) for p in (root / "train").rglob("*.jpg"))  # 24 images
+    model = _Features()
+    monkeypatch.setattr(backbones.network, "feature_extractor", lambda weights, device, channels_last=True: model)
+    real_getitem = imagefolder.ExtractionDataset.__getitem__
+
+    def getitem(self, index):  # which loader process decoded this image (forked workers inherit the patch)
+        sample = real_getitem(self, index)
+        sample["error"] = sample["error"] or f"worker {torch.utils.data.get_worker_info().id}"
+        return sample
+
+    engine = extraction.Extractor(None, torch.device("cpu"), "fp32", batch_size=256, workers=workers)
+    monkeypatch.setattr(imagefolder.ExtractionDataset, "__getitem__", getitem)
+    decoded_by = {e for b in engine.batches(str(root), relpaths) for e in b.error}
+    assert decoded_by == {f"worker {i}" for i in range(workers)}
+    monkeypatch.setattr(imagefolder.ExtractionDataset, "__getitem__", real_getitem)
+    out = list(engine.batches(str(root), relpaths))
+    assert len(out) == 1 and model.sizes == [len(relpaths)]  # one forward batch, assembled by all the workers
+    assert sorted(out[0].index) == list(range(len(relpaths)))
+
+
+@pytest.mark.parametrize("forward_images, workers, images, expected", [
+    (256, 11, None, 23), (256, 11, 245, 23), (256, 11, 40, 4), (256, 0, None, 256), (32, 1, 1000, 32), (3, 8, None, 1),
+])
+def test_loader_batch_size_spreads_one_forward_batch_over_the_workers(forward_images, workers, images, expected):
+    assert extraction.loader_batch_size(forward_images, workers, images) == expected
+
+
+# --------------------------------------------------------------------------- 5. CFS quotas
+
+
+def _cgroup(tmp_path, monkeypatch, files: dict, cores: int = 16):
+    for name, text in files.items():
+        path = tmp_path / "cgroup" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    monkeypatch.setattr(extraction, "CGROUP_ROOT", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "250000 100000\n"}, 3),  # docker --cpus 2.5 (cgroup v2): rounded up
+    ({"cpu.max": "max 100000\n"}, 16),  # no limit: the affinity
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),  # cgroup v1
+    ({"cpu,cpuacct/cpu.cfs_quota_us": "-1\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 16),  # v1, no limit
+    ({"cpu.max": "6400000 100000\n"}, 16),  # a quota above the affinity: the affinity
+    ({}, 16),  # no cgroup files at all
+])
+def test_allowed_cores_honour_the_cfs_quota(tmp_path, monkeypatch, files, expected):
+    _cgroup(tmp_path, monkeypatch, files)
+    assert extraction.allowed_cores() == expected
+
+
+def test_loader_workers_follow_a_kubernetes_cpu_limit(tmp_path, monkeypatch):
+    _cgroup(tmp_path, monkeypatch, {"cpu.max": "400000 100000\n"}, cores=64)
+    assert extraction.default_workers(CUDA) == 3
+    assert extraction.default_workers(torch.device("cpu")) == 2
+
+
+# --------------------------------------------------------------------------- 12. the out-of-memory hint of finetune's passes
+
+
+def test_out_of_memory_in_a_val_pass_names_the_eval_batch_size(tiny_data, tmp_path, monkeypatch, small_images):
+    from pipeline.config import FinetuneConfig
+    from pipeline.finetune import stage as finetune
+
+    def oom(*args, **kwargs):
+        raise extraction._OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(finetune, "evaluate", oom)
+    cfg = FinetuneConfig(data=str(tiny_data), cache=str(tmp_path / "c"), weights="random", device="cpu",
+                         mode="finetune", epochs=1, batch_size=6, workers=0, progress=False)
+    # the val pass holds max(--batch-size, 32) images on CPU, not --batch-size
+    with pytest.raises(UserError, match=r"out of memory on cpu with --eval-batch-size 32; lower it "
+                                        r"\(e.g. --eval-batch-size 16\)"):
+        finetune.run(cfg)
+    with pytest.raises(UserError, match=r"with --eval-batch-size 8; lower it"):
+        finetune.run(dataclasses.replace(cfg, eval_batch_size=8))
+
+
+def test_out_of_memory_in_a_frozen_prefix_chunk_names_the_eval_batch_size(tiny_data, tmp_path, monkeypatch,
+                                                                           small_images):
+    from pipeline.config import FinetuneConfig
+    from pipeline.finetune import stage as finetune
+
+    def oom(self, x):
+        raise extraction._OUT_OF_MEMORY("CUDA out of memory.")
+
+    monkeypatch.setattr(finetune._Net, "features", oom)
+    cfg = FinetuneConfig(data=str(tiny_data), cache=str(tmp_path / "c"), weights="random", device="cpu",
+                         mode="fixed", epochs=1, batch_size=6, eval_batch_size=12, workers=0, progress=False)
+    with pytest.raises(UserError, match=r"with --eval-batch-size 12; lower it"):
+        finetune.run(cfg)
+
+
+def test_eval_batch_size_is_an_option_of_finetune():
+    from pipeline import cli
+
+    args = cli.get_args_parser().parse_args(["finetune", "--eval-batch-size", "64"])
+    assert args.eval_batch_size == 64
+
+
+# --------------------------------------------------------------------------- 13. predict --model on cuda:N
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("cuda:1", [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]),
+    ("cuda", [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]),
+    ("auto", [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]),
+    ("cpu", ["CPUExecutionProvider"]),
+])
+def test_predict_model_runs_on_the_gpu_it_names(device, expected):
+    from pipeline.export import client
+
+    assert client.execution_providers(device, ["CUDAExecutionProvider", "CPUExecutionProvider"]) == expected
+    assert client.execution_providers(device, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_onnx_classifier_hands_the_device_id_to_onnx_runtime(monkeypatch, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from pipeline.export import client
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def session(path, options, providers):
+        seen["providers"] = providers
+        raise Stop("stand-in session")
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    with pytest.raises(UserError):  # the stand-in session fails: reported as an unreadable model
+        client.OnnxClassifier(str(model), device="cuda:3")
+    assert seen["providers"][0] == ("CUDAExecutionProvider", {"device_id": 3})
