@@ -95,6 +95,10 @@ def _add_features(sub) -> None:
     p.add_argument("--views", type=integer, default=d.views, help="augmented passes stored per train image")
     p.add_argument("--strict", action="store_true", help="an undecodable image is fatal instead of skipped")
     p.add_argument("--no-draft", dest="draft", action="store_false", help="decode large JPEGs at full resolution")
+    p.add_argument("--decode", choices=config.DECODES, default=d.decode,
+                   help="who decodes JPEGs: gpu (torchvision.io.decode_jpeg on the CUDA device, nvJPEG), pil, or "
+                        "auto (gpu where extraction runs on CUDA, else pil); other formats and what the GPU "
+                        "cannot decode always go through PIL")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
     p.add_argument("--engine", default=d.engine, choices=config.ENGINES,
                    help="what runs the forward pass: torch, or onnxruntime (CPU, fp32; pip install -e '.[onnx]')")

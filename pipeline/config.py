@@ -65,6 +65,9 @@ FLOAT32_MAX = 3.4028234663852886e38  # the optimiser's scalars become float32 te
 # The accepted values of the options with a fixed set of choices (the CLI's ``choices`` and
 # the stages' checks read these).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Who decodes JPEGs for the features stage: auto (torchvision's nvJPEG decode on the GPU when
+# extraction runs on CUDA, else PIL), pil, gpu (torchvision.io.decode_jpeg on the CUDA device).
+DECODES = ("auto", "pil", "gpu")
 ENGINES = ("torch", "onnxruntime")  # what runs the features stage's forward pass (onnxruntime: CPU, fp32)
 HEAD_FORMATS = ("joblib", "skops")  # model files of a head
 MODES = ("finetune", "scratch", "fixed", "partial")  # end-to-end training modes
@@ -163,6 +166,7 @@ class FeaturesConfig:
     draft: bool = True  # decode large JPEGs at reduced scale (DCT draft) when it is safe
     channels_last: bool = True
     engine: str = "torch"  # torch | onnxruntime (CPU, fp32; the [onnx] extra)
+    decode: str = "auto"  # auto | pil | gpu: who decodes JPEGs (see DECODES)
     rebuild: bool = False  # discard any existing cache for these settings first
     progress: bool = True
     # Under torchrun: the longest any rank waits for the others at a meeting point (seconds).
@@ -171,6 +175,7 @@ class FeaturesConfig:
     def __post_init__(self):
         _one_of(self, "precision", PRECISIONS)
         _one_of(self, "engine", ENGINES)
+        _one_of(self, "decode", DECODES)
         _interval(self, "batch_size", 0)
         _interval(self, "views", 0, MAX_VIEWS)
         _workers(self)

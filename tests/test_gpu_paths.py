@@ -7,6 +7,7 @@ import threading
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -268,3 +269,123 @@ def test_onnx_classifier_hands_the_device_id_to_onnx_runtime(monkeypatch, tmp_pa
     with pytest.raises(UserError):  # the stand-in session fails: reported as an unreadable model
         client.OnnxClassifier(str(model), device="cuda:3")
     assert seen["providers"][0] == ("CUDAExecutionProvider", {"device_id": 3})
+
+
+# --------------------------------------------------------------------------- 6. --decode auto|pil|gpu
+
+
+def _photo_like(path, rng, size, mode="RGB", **save):
+    from PIL import Image
+
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([128 + 100 * np.sin(xx / 17.0 + c) * np.cos(yy / 23.0 - c) for c in range(3)], -1)
+    pixels = np.clip(base + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    image = image.convert(mode) if mode != "RGB" else image
+    image.save(path, **save)
+
+
+@pytest.fixture
+def mixed_images(tmp_path):
+    """JPEGs the tensor decoder takes (RGB, greyscale, EXIF-rotated) and files it must leave to PIL."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "img"
+    root.mkdir()
+    for i in range(4):
+        _photo_like(root / f"rgb{i}.jpg", rng, (300 + 40 * i, 260), quality=90)
+    _photo_like(root / "grey.jpg", rng, (280, 300), mode="L", quality=90)
+    _photo_like(root / "cmyk.jpg", rng, (300, 280), mode="CMYK", quality=90)
+    _photo_like(root / "png.png", rng, (290, 270))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    _photo_like(root / "rotated.jpg", rng, (320, 260), quality=90, exif=exif.tobytes())
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return root, sorted(p.name for p in root.iterdir())
+
+
+# The tolerance the CPU test holds the tensor decode path to: per-image relative error of the
+# features, ||tensor - pil|| / ||pil||, against PIL at full resolution (no draft).
+TENSOR_DECODE_RTOL = 0.01
+
+
+def test_tensor_decode_gives_features_within_tolerance_of_pil(mixed_images, monkeypatch):
+    # torchvision.io.decode_jpeg on the CPU stands in for nvJPEG: the same path, the same transforms
+    if not extraction.tensor_decode_available():
+        pytest.skip("torchvision without decode_jpeg(apply_exif_orientation=...)")
+    from pipeline.data import imagefolder
+
+    root, names = mixed_images
+    torch.manual_seed(0)
+    weights = extraction.load_weights("random", 0)
+    decoded_on = []
+    real = imagefolder.decode_jpegs
+    monkeypatch.setattr(imagefolder, "decode_jpegs", lambda blobs, device: decoded_on.append(len(blobs))
+                        or real(blobs, device))
+    out = {}
+    for decode in ("pil", "tensor"):
+        engine = extraction.Extractor(weights, torch.device("cpu"), "fp32", batch_size=16, workers=0, decode=decode)
+        (batch,) = list(engine.batches(str(root), names, draft=False))
+        out[decode] = batch
+    pil, tensor = out["pil"], out["tensor"]
+    assert pil.error == tensor.error and sum(bool(e) for e in pil.error) == 1  # broken.jpg, on both paths
+    assert decoded_on[0] == 6  # 4 RGB + grey + rotated JPEGs decoded by torchvision, in one call
+    ok = [i for i, e in enumerate(pil.error) if not e]
+    a, b = pil.features[ok], tensor.features[ok]
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert rel.max() <= TENSOR_DECODE_RTOL, dict(zip([names[i] for i in ok], rel.round(5)))
+
+
+def test_only_plain_jpegs_go_to_the_tensor_decoder(mixed_images):
+    from pipeline.data import images
+
+    root, names = mixed_images
+    taken = {n for n in names if images.tensor_decodable((root / n).read_bytes())}
+    assert taken == {"grey.jpg", "rotated.jpg", "rgb0.jpg", "rgb1.jpg", "rgb2.jpg", "rgb3.jpg"}
+
+
+def test_a_jpeg_the_tensor_decoder_rejects_falls_back_to_pil(mixed_images, monkeypatch):
+    from pipeline.data import imagefolder
+
+    root, names = mixed_images
+
+    def picky(blobs, device):  # rgb1.jpg is refused, as nvJPEG refuses some encodings
+        if any(b == (root / "rgb1.jpg").read_bytes() for b in blobs):
+            raise RuntimeError("nvjpeg: unsupported")
+        return [torch.zeros(3, 260, 300, dtype=torch.uint8) for _ in blobs]
+
+    monkeypatch.setattr(imagefolder, "decode_jpegs", picky)
+    engine = extraction.Extractor(None, torch.device("cpu"), "fp32", batch_size=16, workers=0, decode="tensor")
+    engine.model = _Features()
+    images, errors = engine._decode_jpegs([(root / n).read_bytes() for n in ("rgb0.jpg", "rgb1.jpg")])
+    assert errors == ["", ""] and images.shape[0] == 2
+    assert images[0].abs().sum() > 0 and images[1].std() > 0.1  # rgb1 decoded by PIL, rgb0 by the stand-in
+
+
+@pytest.mark.parametrize("spec, device, engine, expected", [
+    ("auto", "cpu", "torch", "pil"),
+    ("auto", "cuda", "torch", "tensor"),
+    ("auto", "cuda", "onnxruntime", "pil"),
+    ("pil", "cuda", "torch", "pil"),
+    ("gpu", "cuda", "torch", "tensor"),
+])
+def test_choose_decode(spec, device, engine, expected):
+    assert extraction.choose_decode(spec, torch.device(device), engine) == expected
+
+
+def test_decode_gpu_on_cpu_is_a_user_error():
+    with pytest.raises(UserError, match=r"--decode gpu decodes on the CUDA device .* use --device cuda"):
+        extraction.choose_decode("gpu", torch.device("cpu"))
+
+
+def test_the_tensor_decode_path_is_part_of_the_cache_key_and_pil_keeps_the_old_one(tiny_data, tmp_path):
+    from pipeline.config import FeaturesConfig
+    from pipeline.features import stage as features
+
+    cfg = FeaturesConfig(data=str(tiny_data), cache=str(tmp_path / "c"), weights="random", device="cpu")
+    pil = features.resolve(cfg)
+    assert pil.decode == "pil" and "decode" not in pil.settings["transform"]
+    assert features.resolve(dataclasses.replace(cfg, decode="pil")).path == pil.path
+    assert features._transform(cfg, "tensor")["decode"].startswith("torchvision.io.decode_jpeg")

@@ -60,7 +60,7 @@ class OnnxClassifier:
         try:
             self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as exc:  # ONNX Runtime's errors have no common base class
-            raise UserError(f"--model {path!r} is not a readable ONNX model ({str(exc).splitlines()[0][:160]}); "
+            raise UserError(f"--model {path!r} is not a readable ONNX model ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]}); "
                             "export it again with `python -m pipeline export`") from None
         raw = self.session.get_modelmeta().custom_metadata_map
         try:

@@ -41,6 +41,8 @@ __all__ = [
     "exact_fp32",
     "numerics",
     "out_of_memory_hint",
+    "choose_decode",
+    "tensor_decode_available",
     "weights_identity",
     "load_weights",
     "forget_weights",
@@ -179,6 +181,36 @@ def out_of_memory_hint(device: torch.device, batch_size: int, option: str = "--b
                         f"{lower}) or free the device") from None
 
 
+def tensor_decode_available() -> bool:
+    """torchvision's batched ``decode_jpeg`` with ``apply_exif_orientation`` (torchvision >= 0.19)."""
+    import inspect
+
+    from torchvision.io import decode_jpeg
+
+    return "apply_exif_orientation" in inspect.signature(decode_jpeg).parameters
+
+
+def choose_decode(spec: str, device: torch.device, engine: str = "torch") -> str:
+    """``pil`` or ``tensor`` (JPEGs decoded by ``torchvision.io.decode_jpeg`` on ``device``) for ``--decode``.
+
+    ``auto``: tensor where extraction runs on CUDA (nvJPEG) and torchvision has the decoder, else
+    PIL. ``gpu`` elsewhere is a user error.
+    """
+    if spec == "pil" or (spec == "auto" and (device.type != "cuda" or engine != "torch")):
+        return "pil"
+    if spec not in ("auto", "gpu"):
+        raise UserError(f"--decode {spec!r} is not recognised; use auto, pil or gpu")
+    if spec == "gpu" and (device.type != "cuda" or engine != "torch"):
+        raise UserError(f"--decode gpu decodes on the CUDA device that extracts, not on {device} ({engine} engine); "
+                        "use --device cuda, or --decode pil or auto")
+    if not tensor_decode_available():
+        if spec == "gpu":
+            raise UserError("--decode gpu needs torchvision >= 0.19 (decode_jpeg with apply_exif_orientation); "
+                            "upgrade torchvision or use --decode pil")
+        return "pil"
+    return "tensor"
+
+
 # --------------------------------------------------------------------------- weights
 
 
@@ -261,8 +293,11 @@ class Extractor:
     ``processes``: extraction processes sharing this machine (for the worker default).
     """
 
+    decode = "pil"  # or "tensor": JPEGs decoded on ``device`` by torchvision (:func:`choose_decode`)
+
     def __init__(self, weights: backbones.Weights, device: torch.device, precision: str, batch_size: int = 0,
-                 workers: int = -1, channels_last: bool = True, processes: int = 1):
+                 workers: int = -1, channels_last: bool = True, processes: int = 1, decode: str = "pil"):
+        self.decode = decode
         self.device = device
         self.precision = precision
         self.batch_size = batch_size or default_batch_size(device)
@@ -276,7 +311,8 @@ class Extractor:
         """Batches of ``data.ExtractionDataset`` samples, :func:`loader_batch_size` of one forward batch each."""
         workers = default_workers(self.device, self.processes, len(relpaths)) if self.workers < 0 else self.workers
         return torch.utils.data.DataLoader(
-            data.ExtractionDataset(root, relpaths, views=views, seed=seed, draft=draft),
+            data.ExtractionDataset(root, relpaths, views=views, seed=seed, draft=draft,
+                                   raw_jpeg=self.decode == "tensor"),
             batch_size=loader_batch_size(self._forward_images(views), workers, len(relpaths)),
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
@@ -310,19 +346,62 @@ class Extractor:
         view_feats = np.zeros((n, views, FEATURE_DIM), np.float32) if views else None
         # Consecutive decodable rows are slices of the (pinned) loader batches: views, not copies.
         rows, images, flat_views, offset = [], [], [], 0
+        jpeg_rows, jpegs = [], []
         for batch in group:
-            for start, stop in _runs([not e for e in batch["error"]]):
+            raw = batch.get("jpeg") or [b""] * len(batch["error"])
+            for j, blob in enumerate(raw):
+                if blob and not batch["error"][j]:
+                    jpeg_rows.append(offset + j)
+                    jpegs.append(blob)
+            for start, stop in _runs([not e and not b for e, b in zip(batch["error"], raw)]):
                 rows.extend(range(offset + start, offset + stop))
                 images.append(batch["image"][start:stop])
                 if views:
                     flat_views.append(batch["views"][start:stop].flatten(0, 1))
             offset += len(batch["error"])
+        if jpegs:
+            decoded, failed = self._decode_jpegs(jpegs)
+            for row, error in zip(jpeg_rows, failed):
+                errors[row] = error
+            ok = [row for row, error in zip(jpeg_rows, failed) if not error]
+            if ok:
+                rows.extend(ok)
+                images.append(decoded)
         if rows:
             feats[rows] = self.forward(images)
             if views:
                 view_feats[rows] = self.forward(flat_views).reshape(len(rows), views, FEATURE_DIM)
         index = [i for batch in group for i in batch["index"].tolist()]
         return Batch(index, [h for batch in group for h in batch["sha1"]], errors, feats, view_feats)
+
+    def _decode_jpegs(self, blobs: List[bytes]) -> Tuple[torch.Tensor, List[str]]:
+        """JPEG bytes -> normalised (m, 3, crop, crop) on the device, and an error per file ("" when decoded).
+
+        One batched ``decode_jpeg`` call; if it fails, file by file, and a file the tensor
+        decoder rejects goes through PIL (:func:`pipeline.data.decode_image`: EXIF, CMYK, ...).
+        """
+        try:
+            tensors = data.decode_jpegs(blobs, self.device)
+        except Exception:  # one file spoils the batch call: find it
+            tensors = []
+            for blob in blobs:
+                try:
+                    tensors.append(data.decode_jpegs([blob], self.device)[0])
+                except Exception:
+                    tensors.append(None)
+        out, errors = [], []
+        eval_tf = None
+        for blob, tensor in zip(blobs, tensors):
+            try:
+                if tensor is None:  # PIL's robust path, on the host
+                    eval_tf = eval_tf or data.eval_transform()
+                    out.append(eval_tf(data.decode_image(blob)).to(self.device))
+                else:
+                    out.append(data.tensor_eval_transform(tensor))
+                errors.append("")
+            except Exception as exc:  # a bad image is data, not a crash
+                errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+        return (torch.stack(out) if out else torch.zeros(0)), errors
 
     def forward(self, images) -> np.ndarray:
         """Features of ``images`` (n, 3, H, W), or a list of such tensors taken as one, as float32 (n, 512);
