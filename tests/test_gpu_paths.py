@@ -389,3 +389,31 @@ def test_the_tensor_decode_path_is_part_of_the_cache_key_and_pil_keeps_the_old_o
     assert pil.decode == "pil" and "decode" not in pil.settings["transform"]
     assert features.resolve(dataclasses.replace(cfg, decode="pil")).path == pil.path
     assert features._transform(cfg, "tensor")["decode"].startswith("torchvision.io.decode_jpeg")
+
+
+def test_cpu_extraction_decodes_on_every_core_between_forward_passes(tmp_path, monkeypatch, small_images):
+    # no loader process competes with the compute threads: decoding and the forward take turns
+    from pipeline.data import imagefolder
+    from .conftest import make_dataset
+
+    root = make_dataset(tmp_path / "data", n_train=10, n_val=1)
+    relpaths = sorted(str(p.relative_to(root)) for p in (root / "train").rglob("*.jpg"))
+    model = _Features()
+    monkeypatch.setattr(backbones.network, "feature_extractor", lambda weights, device, channels_last=True: model)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(extraction, "CGROUP_ROOT", str(tmp_path / "no-cgroup"))
+    real_getitem = imagefolder.ExtractionDataset.__getitem__
+    threads = set()
+
+    def getitem(self, index):
+        threads.add(threading.current_thread().name)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(imagefolder.ExtractionDataset, "__getitem__", getitem)
+    monkeypatch.setattr(torch.utils.data, "DataLoader", None)  # no loader processes, nor a loader
+    engine = extraction.Extractor(None, torch.device("cpu"), "fp32", batch_size=8)
+    out = list(engine.batches(str(root), relpaths))
+    assert [len(b.index) for b in out] == [8, 8, 4] and model.sizes == [8, 8, 4]
+    assert sorted(i for b in out for i in b.index) == list(range(20))
+    assert len(threads) == 2 and all(name.startswith("decode") for name in threads)
+    assert not extraction.Extractor(None, torch.device("cpu"), "fp32").decodes_in_process(views=2)

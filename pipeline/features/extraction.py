@@ -319,6 +319,33 @@ class Extractor:
             prefetch_factor=4 if workers else None,
         )
 
+    def decodes_in_process(self, views: int = 0) -> bool:
+        """CPU extraction with ``workers=-1`` and no augmented views (their seeding uses torch's global
+        generator, which threads would share): decode in this process, on one thread per allowed core,
+        between forward passes (:meth:`_decoded_in_threads`), instead of in loader processes.
+
+        On a CPU the forward already runs one thread per core; a loader process beside it takes a
+        core from one compute thread in the middle of a parallel region, and every other thread
+        waits for it at the region's end. Decoding and computing in turn, each on every core,
+        costs the sum of the two and no more: the decode + forward floor.
+        """
+        return self.device.type == "cpu" and self.workers < 0 and not views
+
+    def _decoded_in_threads(self, root: str, relpaths: Sequence[str], views: int, seed: int,
+                            draft: bool) -> Iterator[dict]:
+        """Loader-style batches of one forward batch each, decoded by a thread pool (PIL and the
+        transforms release the GIL for their C work) while the forward waits."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        dataset = data.ExtractionDataset(root, relpaths, views=views, seed=seed, draft=draft,
+                                         raw_jpeg=self.decode == "tensor")
+        step = self._forward_images(views)
+        threads = max(1, allowed_cores() // max(1, self.processes))
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+            for start in range(0, len(dataset), step):
+                samples = list(pool.map(dataset.__getitem__, range(start, min(len(dataset), start + step))))
+                yield torch.utils.data.default_collate(samples)
+
     def _forward_images(self, views: int) -> int:
         """Files per forward batch: ``batch_size`` images with their views."""
         return max(1, self.batch_size // (1 + views))
@@ -328,9 +355,13 @@ class Extractor:
         """Features (and ``views`` augmented views) of every image, one :class:`Batch` per forward batch
         (the loader batches the workers decoded together)."""
         per_forward = self._forward_images(views)
+        if self.decodes_in_process(views):
+            source = self._decoded_in_threads(root, relpaths, views, seed, draft)
+        else:
+            source = self.loader(root, relpaths, views, seed, draft)
         with torch.inference_mode():
             group, count = [], 0
-            for batch in self.loader(root, relpaths, views, seed, draft):
+            for batch in source:
                 group.append(batch)
                 count += len(batch["error"])
                 if count + len(batch["error"]) > per_forward:
