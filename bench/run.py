@@ -491,7 +491,8 @@ def _floor_detail(rate: float, floor: float, forward: float, decode_s: float, de
     fwd_ms, dec_ms = 1e3 / forward, decode_s * 1e3 / cores
     return (f"{rate:.1f} vs {floor:.1f} images/s; per image {per:.2f} ms = forward {fwd_ms:.2f} + decode "
             f"{decode_s * 1e3:.2f} ms of one core / {cores} cores {dec_ms:.2f} + rest {per - fwd_ms - dec_ms:.2f} ms "
-            "(loader hand-off, batching, cache writes, cores shared with other work)")
+            + ("(hand-off, batching, cache writes, cores shared with other work)" if per >= fwd_ms + dec_ms else
+               "(negative: the machine's load changed between the measurements)"))
 
 
 def _gpu_decode_row(data_dir: str, weights: str, device: torch.device, rounds: int, floor_img_s: float,
