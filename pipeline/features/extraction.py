@@ -52,7 +52,7 @@ __all__ = [
 
 BATCH_SIZE = {"cpu": 32, "cuda": 256}  # images per forward pass by default, per device type
 SMALL_JOB = 64  # fewer images than this: no loader processes (starting them costs more)
-# torch.OutOfMemoryError first shipped in torch 2.5; torch.cuda's name is the same class.
+# The top-level torch.OutOfMemoryError is recent; older torch names the same class torch.cuda.OutOfMemoryError.
 _OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 _WEIGHTS_KEPT = 2  # resolved weights kept per process (a ResNet18 state_dict is 45 MB)
 
