@@ -417,3 +417,17 @@ def test_cpu_extraction_decodes_on_every_core_between_forward_passes(tmp_path, m
     assert sorted(i for b in out for i in b.index) == list(range(20))
     assert len(threads) == 2 and all(name.startswith("decode") for name in threads)
     assert not extraction.Extractor(None, torch.device("cpu"), "fp32").decodes_in_process(views=2)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["features", "--data", "{data}", "--weights", "random", "--device", "cpu", "--decode", "gpu"],
+     "--decode gpu decodes on the CUDA device"),
+    (["finetune", "--data", "{data}", "--weights", "random", "--eval-batch-size", "-1"], "--eval-batch-size -1 must be >= 0"),
+])
+def test_user_errors_of_the_new_options_are_one_line_exit_2(tiny_data, tmp_path, capsys, argv, expected):
+    from pipeline.cli import main
+
+    argv = [a.replace("{data}", str(tiny_data)) for a in argv] + ["--cache", str(tmp_path / "c")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and expected in err
