@@ -164,6 +164,41 @@ def epoch_floor(device: torch.device, precision: str, n_train: int, n_val: int, 
     return {"train_s": train, "val_s": val, "epoch_s": train + val}
 
 
+def decode_seconds(root: str, relpaths, draft: bool = True, repeats: int = 1) -> float:
+    """Seconds of one core per image to read, decode and transform it exactly as the extraction's loader
+    does (``ExtractionDataset.__getitem__``: PIL, draft mode, Resize + CenterCrop + Normalize), in this
+    process with one intra-op thread; best of ``repeats`` passes over ``relpaths`` after one warm-up image."""
+    from pipeline import data
+
+    dataset = data.ExtractionDataset(root, list(relpaths), draft=draft)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dataset[0]
+        best = float("inf")
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            for i in range(len(dataset)):
+                dataset[i]
+            best = min(best, (time.perf_counter() - start) / len(dataset))
+    finally:
+        torch.set_num_threads(previous)
+    return best
+
+
+def decode_forward_floor(forward_rate: float, decode_s: float, device: torch.device, cores: int,
+                         workers: int) -> float:
+    """Images/s that decoding and the forward together allow: extraction's true floor.
+
+    CPU: decoding and the forward share the same cores, so their costs add: per image the
+    forward's wall time plus ``decode_s`` of core time spread over ``cores``. CUDA: ``workers``
+    cores decode while the GPU computes, so the slower of the two bounds the rate.
+    """
+    if device.type == "cuda":
+        return min(forward_rate, max(1, workers) / decode_s)
+    return 1.0 / (1.0 / forward_rate + decode_s / max(1, cores))
+
+
 def ratio_row(name: str, value: Optional[float], target: Optional[str], detail: str = "",
               unit: str = "x") -> Dict[str, object]:
     """One row of the table: ``value`` against ``target`` (``">= 0.9"``, ``"<= 1.15"``; None: information)."""

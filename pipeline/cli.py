@@ -98,6 +98,10 @@ def _add_features(sub) -> None:
     p.add_argument("--views", type=integer, default=d.views, help="augmented passes stored per train image")
     p.add_argument("--strict", action="store_true", help="an undecodable image is fatal instead of skipped")
     p.add_argument("--no-draft", dest="draft", action="store_false", help="decode large JPEGs at full resolution")
+    p.add_argument("--decode", choices=config.DECODES, default=d.decode,
+                   help="who decodes JPEGs: gpu (torchvision.io.decode_jpeg on the CUDA device, nvJPEG), pil, or "
+                        "auto (gpu where extraction runs on CUDA, else pil); other formats and what the GPU "
+                        "cannot decode always go through PIL")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
     p.add_argument("--engine", default=d.engine, choices=config.ENGINES,
                    help="what runs the forward pass: torch, or onnxruntime (CPU, fp32; pip install -e '.[onnx]')")
@@ -220,6 +224,9 @@ def _add_finetune(sub) -> None:
                    help="val pass every N epochs during training, for the learning curves and the best-val "
                         "column (timed apart, not charged as training); 0: the final epoch only")
     p.add_argument("--workers", type=integer, default=d.workers, help="data-loading processes; -1: automatic")
+    p.add_argument("--eval-batch-size", type=integer, default=d.eval_batch_size,
+                   help="images per pass without gradients (val, holdout, the frozen prefix of fixed/partial "
+                        "modes); 0: max(--batch-size, 32 on CPU, 256 on CUDA)")
     p.add_argument("--threads", type=integer, default=d.threads,
                    help="CPU threads for the network; 0: torch's default, one per physical core "
                         "(fewer leaves cores to others on a shared machine)")

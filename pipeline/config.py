@@ -65,6 +65,9 @@ FLOAT32_MAX = 3.4028234663852886e38  # the optimiser's scalars become float32 te
 # The accepted values of the options with a fixed set of choices (the CLI's ``choices`` and
 # the stages' checks read these).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Who decodes JPEGs for the features stage: auto (torchvision's nvJPEG decode on the GPU when
+# extraction runs on CUDA, else PIL), pil, gpu (torchvision.io.decode_jpeg on the CUDA device).
+DECODES = ("auto", "pil", "gpu")
 ENGINES = ("torch", "onnxruntime")  # what runs the features stage's forward pass (onnxruntime: CPU, fp32)
 HEAD_FORMATS = ("joblib", "skops")  # model files of a head
 MODES = ("finetune", "scratch", "fixed", "partial")  # end-to-end training modes
@@ -164,6 +167,7 @@ class FeaturesConfig:
     draft: bool = True  # decode large JPEGs at reduced scale (DCT draft) when it is safe
     channels_last: bool = True
     engine: str = "torch"  # torch | onnxruntime (CPU, fp32; the [onnx] extra)
+    decode: str = "auto"  # auto | pil | gpu: who decodes JPEGs (see DECODES)
     rebuild: bool = False  # discard any existing cache for these settings first
     progress: bool = True
     # Under torchrun: the longest any rank waits for the others at a meeting point (seconds).
@@ -172,6 +176,7 @@ class FeaturesConfig:
     def __post_init__(self):
         _one_of(self, "precision", PRECISIONS)
         _one_of(self, "engine", ENGINES)
+        _one_of(self, "decode", DECODES)
         _interval(self, "batch_size", 0)
         _interval(self, "views", 0, MAX_VIEWS)
         _workers(self)
@@ -248,6 +253,9 @@ class FinetuneConfig:
     # timed apart from training); 0: the final epoch only. The result is scored on val either way.
     eval_every: int = 1
     workers: int = -1  # -1: automatic; results do not depend on it
+    # Images per pass without gradients (val, holdout, the frozen prefix): 0 is
+    # max(batch_size, 32 on CPU / 256 on CUDA).
+    eval_batch_size: int = 0
     threads: int = 0  # CPU threads for the network; 0: torch's default (one per physical core)
     channels_last: bool = True
     strict: bool = False  # an undecodable image is fatal instead of skipped
@@ -261,6 +269,7 @@ class FinetuneConfig:
         _one_of(self, "precision", PRECISIONS)
         _interval(self, "epochs", 1)
         _interval(self, "batch_size", 1)
+        _interval(self, "eval_batch_size", 0)
         f32 = f"{FLOAT32_MAX:.4g} (float32)"
         _interval(self, "lr", 0, FLOAT32_MAX, open_low=True, rule=f"> 0 and at most {f32}")
         _interval(self, "momentum", 0, 1, open_high=True, rule="in [0, 1)")

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic ImageFolder data sets (small images, fast on 2 cores)."""
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -46,6 +47,15 @@ def real_data() -> Path:
 
 
 SMALL_PREPROCESS = {"resize": 40, "crop": 32}
+
+
+@functools.lru_cache(maxsize=None)
+def stand_in_weights():
+    """Random ResNet18 weights, for tests that replace the engine's network by a stand-in (the
+    engine still reads its backbone and preprocessing from them)."""
+    from pipeline import backbones
+
+    return backbones.resolve_weights("random")
 
 
 def small_project(root: Path, head_names, then=None) -> dict:

@@ -15,11 +15,10 @@ from pipeline.finetune import stage as finetune
 from pipeline.heads import stage as heads
 from pipeline.config import FeaturesConfig, FinetuneConfig, HeadsConfig
 from pipeline.errors import UserError
-from pipeline.records import WeightsRef
+from tests.conftest import stand_in_weights
 
 RESNET18_DIM = 512  # ResNet18's pooled pre-logits
-# The engine reads only the backbone from its weights when the network is a stand-in.
-STAND_IN_WEIGHTS = backbones.Weights(WeightsRef("random", "0" * 64, seed=0), {}, "random")
+STAND_IN_WEIGHTS = stand_in_weights()
 
 from .conftest import make_dataset
 

@@ -48,8 +48,9 @@ def count_computed(monkeypatch):
     seen = []
     real = extraction.Extractor.forward
 
-    def spy(self, images):
-        seen.extend([self.device.type] * len(images))
+    def spy(self, images):  # a tensor, or the list of tensors of one forward batch
+        n = sum(len(x) for x in images) if isinstance(images, (list, tuple)) else len(images)
+        seen.extend([self.device.type] * n)
         return real(self, images)
 
     monkeypatch.setattr(extraction.Extractor, "forward", spy)

@@ -6,5 +6,5 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     ".network": ["BACKBONE", "Weights", "resolve_weights", "imagenet_cache_file", "build_model", "feature_extractor",
                  "state_dict_sha256", "lite0_state_dict"],
     ".device": ["choose_device", "choose_precision", "supported_precision", "native_bf16", "cpu_features",
-                "autocast", "NATIVE_BF16_ENV"],
+                "autocast", "has_kernels", "ieee_fp32", "NATIVE_BF16_ENV"],
 })

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
+import warnings
 
 import torch
 
@@ -11,7 +13,7 @@ from ..config import PRECISIONS
 from ..errors import UserError
 
 __all__ = ["choose_device", "choose_precision", "supported_precision", "native_bf16", "cpu_features", "autocast",
-           "NATIVE_BF16_ENV"]
+           "has_kernels", "ieee_fp32", "NATIVE_BF16_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -19,9 +21,22 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def choose_device(spec: str) -> torch.device:
-    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    """``auto`` (CUDA when present and this torch has kernels for it), ``cpu``, ``cuda`` or ``cuda:N``.
+
+    A GPU the installed torch was not built for (``torch.cuda.get_arch_list()``, e.g. a V100 under
+    a wheel built for sm75 and later) would fail at its first convolution with "no kernel image is
+    available": ``auto`` then runs on the CPU with a warning, an explicit ``cuda`` is a user error.
+    """
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        device = torch.device("cuda", 0)
+        problem = _missing_kernels(device)
+        if problem:
+            warnings.warn(f"--device auto: {problem}; running on the CPU (pass --device cpu to silence this, or "
+                          "install a torch build for this GPU)", UserWarning, stacklevel=2)
+            return torch.device("cpu")
+        return torch.device("cuda")
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
@@ -33,8 +48,99 @@ def choose_device(spec: str) -> torch.device:
                 f"--device {spec!r}: only {torch.cuda.device_count()} GPU(s) here; use cuda:0..."
                 f"{torch.cuda.device_count() - 1} or auto"
             )
+        problem = _missing_kernels(torch.device("cuda", index))
+        if problem:
+            raise UserError(f"--device {spec!r}: {problem}; install a torch build for this GPU or use --device cpu")
         return torch.device("cuda", index)
     raise UserError(f"--device {spec!r} is not recognised; use auto, cpu, cuda or cuda:N")
+
+
+def has_kernels(capability, arch_list) -> bool:
+    """Whether a torch built for ``arch_list`` (``torch.cuda.get_arch_list()``) runs on ``capability``.
+
+    A cubin ``sm_XY`` runs on devices of the same major version and a minor at least Y; PTX
+    (``compute_XY``) is compiled by the driver for any device of capability at least X.Y. An
+    empty list (a build that does not say) counts as supported.
+    """
+    major, minor = int(capability[0]), int(capability[1])
+    if not arch_list:
+        return True
+    for arch in arch_list:
+        kind, _, number = arch.partition("_")
+        digits = "".join(ch for ch in number if ch.isdigit())
+        if len(digits) < 2:
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def _missing_kernels(device: torch.device) -> str:
+    """Empty when this torch has kernels for ``device``, else why not (one clause)."""
+    if torch.version.hip:
+        return ""
+    capability = tuple(torch.cuda.get_device_capability(device))
+    arch_list = list(torch.cuda.get_arch_list())
+    if has_kernels(capability, arch_list):
+        return ""
+    return (f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) has no "
+            f"kernels in this torch {torch.__version__} (built for {' '.join(arch_list)})")
+
+
+# ----------------------------------------------------------------------- IEEE fp32 on CUDA
+
+# TF32 is a process-wide setting. Threads (``transform`` called concurrently, a server) share it,
+# so it is turned off by the first block that enters and restored by the last that leaves.
+_TF32_LOCK = threading.Lock()
+_TF32_STATE = {"depth": 0, "saved": None}
+
+
+def _tf32_flags():
+    """(read, write) of the TF32 switches: the ``fp32_precision`` API of torch >= 2.9, else ``allow_tf32``."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    matmul = torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
+        def read():
+            return ("fp32_precision", conv.fp32_precision, matmul.fp32_precision)
+
+        def write(state):
+            conv.fp32_precision, matmul.fp32_precision = state[1], state[2]
+
+        return read, write, ("fp32_precision", "ieee", "ieee")
+
+    def read():
+        return ("allow_tf32", torch.backends.cudnn.allow_tf32, matmul.allow_tf32)
+
+    def write(state):
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = state[1], state[2]
+
+    return read, write, ("allow_tf32", False, False)
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """TF32 off for CUDA convolutions and matrix products while any such block runs, in any thread.
+
+    The first block to enter saves the settings and turns TF32 off; the last to leave restores
+    them, so concurrent blocks never leave TF32 on or off for good.
+    """
+    read, write, ieee = _tf32_flags()
+    with _TF32_LOCK:
+        if _TF32_STATE["depth"] == 0:
+            _TF32_STATE["saved"] = read()
+            write(ieee)
+        _TF32_STATE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _TF32_STATE["depth"] -= 1
+            if _TF32_STATE["depth"] == 0:
+                write(_TF32_STATE["saved"])
+                _TF32_STATE["saved"] = None
 
 
 # Environment override of the CPU's native-bf16 detection: "1" or "0" (the tests pin it to 0, so

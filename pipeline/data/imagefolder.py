@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import socket
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -15,7 +16,7 @@ from torchvision import transforms
 
 from ..config import DEFAULT_DATA_DIR, DEFAULT_DATA_URL, PREPROCESS, SPLITS
 from ..errors import UserError
-from .images import checked_utf8, walk_images, collect_images, decode_image, is_image_file, load_image
+from .images import tensor_decodable, checked_utf8, walk_images, collect_images, decode_image, is_image_file, load_image
 
 __all__ = [
     "Item",
@@ -31,6 +32,10 @@ __all__ = [
     "ImageDataset",
     "ExtractionDataset",
     "collect_images",
+    "tensor_decodable",
+    "decode_jpegs",
+    "tensor_eval_transform",
+    "TENSOR_DECODE",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,6 +183,35 @@ def describe_transforms(views: int, draft: bool, preprocess: Optional[dict] = No
     return desc
 
 
+# What the tensor decode path is, for the cache's settings (it changes feature values slightly).
+TENSOR_DECODE = ("torchvision.io.decode_jpeg (RGB, EXIF orientation applied, full resolution) of baseline "
+                 "RGB/greyscale JPEGs, then tensor Resize (bilinear, antialiased) + CenterCrop + Normalize; "
+                 "other files through PIL")
+
+
+def decode_jpegs(blobs: Sequence[bytes], device: torch.device) -> List[torch.Tensor]:
+    """JPEG files' bytes as upright RGB uint8 tensors (3, H, W) on ``device``, decoded there
+    (``torchvision.io.decode_jpeg``: nvJPEG on CUDA, libjpeg-turbo on CPU), in one batched call."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+    with warnings.catch_warnings():  # torchvision 0.29 points at TorchCodec on every call
+        warnings.simplefilter("ignore", DeprecationWarning)
+        out = decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def tensor_eval_transform(image: torch.Tensor, preprocess: Optional[dict] = None) -> torch.Tensor:
+    """The eval transform on a decoded uint8 tensor (3, H, W), on its device: Resize (antialiased,
+    rounded to uint8 like PIL) + CenterCrop + ToTensor scaling + Normalize of ``preprocess``."""
+    from torchvision.transforms import functional as TF
+
+    pp = PREPROCESS if preprocess is None else preprocess
+    image = TF.resize(image, [pp["resize"]], interpolation=_interpolation(pp), antialias=True)
+    image = TF.center_crop(image, [pp["crop"]])
+    return TF.normalize(image.float().div_(255), pp["mean"], pp["std"])
+
+
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run the block with torch's CPU generator seeded by ``seed``, then restore its state.
@@ -222,8 +256,11 @@ class ExtractionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str, relpaths: Sequence[str], views: int = 0, seed: int = 0,
-                 draft: bool = True, preprocess: Optional[dict] = None):
+                 draft: bool = True, raw_jpeg: bool = False, preprocess: Optional[dict] = None):
         self.root = root
+        # raw_jpeg: JPEGs the tensor path can decode come back undecoded, as ``jpeg`` bytes (the
+        # caller decodes them on its device); every other file is decoded here, through PIL.
+        self.raw_jpeg = raw_jpeg and not views
         self.relpaths = list(relpaths)
         self.views = views
         self.seed = seed
@@ -240,6 +277,8 @@ class ExtractionDataset(torch.utils.data.Dataset):
         relpath = self.relpaths[index]
         crop = self.preprocess["crop"]
         sample = {"index": index, "sha1": "", "error": ""}
+        if self.raw_jpeg:
+            sample["jpeg"] = b""
         image = torch.zeros(3, crop, crop)
         views = torch.zeros(self.views, 3, crop, crop)
         try:
@@ -248,6 +287,9 @@ class ExtractionDataset(torch.utils.data.Dataset):
             sample["sha1"] = hashlib.sha1(data).hexdigest()
             if not data:
                 raise ValueError("empty file (0 bytes)")
+            if self.raw_jpeg and tensor_decodable(data):
+                sample.update(jpeg=data, image=image, views=views)
+                return sample
             pil = decode_image(data, self.draft_size)
             image = self.eval_tf(pil)
             for k in range(self.views):

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from ..errors import UserError
 
-__all__ = ["is_image_file", "checked_utf8", "walk_images", "collect_images", "decode_image", "load_image", "eval_array",
+__all__ = ["tensor_decodable", "is_image_file", "checked_utf8", "walk_images", "collect_images", "decode_image", "load_image", "eval_array",
            "INTERPOLATIONS"]
 
 Image.init()
@@ -95,6 +95,28 @@ def decode_image(data: bytes, draft_size: Optional[int] = None) -> Image.Image:
         im.load()
         im = ImageOps.exif_transpose(im)
     return _to_rgb(im)
+
+
+# Larger JPEGs go through PIL (whose draft mode decodes them at a reduced scale), not to a GPU decoder.
+TENSOR_DECODE_MAX_PIXELS = 64_000_000
+
+
+def tensor_decodable(data: bytes) -> bool:
+    """Whether a tensor JPEG decoder (``torchvision.io.decode_jpeg``) gives what :func:`decode_image` would:
+    an 8-bit baseline RGB or greyscale JPEG of reasonable size (its header only is read).
+
+    CMYK/YCCK, 12-bit and other formats, and huge images keep PIL's robust decoding.
+    """
+    if data[:3] != b"\xff\xd8\xff":
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            w, h = im.size
+            return im.format == "JPEG" and im.mode in ("RGB", "L") and 0 < w * h <= TENSOR_DECODE_MAX_PIXELS
+    except Exception:  # not even a readable header: PIL's path reports it
+        return False
 
 
 def load_image(path: str, draft_size: Optional[int] = None) -> Image.Image:

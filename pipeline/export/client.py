@@ -18,10 +18,22 @@ from ..config import PredictConfig
 from ..errors import UserError
 from .predictions import PredictResult
 
-__all__ = ["OnnxClassifier", "run", "FORMAT"]
+__all__ = ["OnnxClassifier", "execution_providers", "run", "FORMAT"]
 
 FORMAT = "pipeline.export"  # the "format" entry of an exported file's metadata
 DEFAULT_BATCH = 32
+
+
+def execution_providers(device: str, available: Sequence[str]) -> list:
+    """ONNX Runtime providers for ``--device``: the CUDA provider on GPU ``N`` of ``cuda:N`` (``device_id``;
+    without it ONNX Runtime runs on GPU 0), then the CPU provider."""
+    providers: list = ["CPUExecutionProvider"]
+    if device != "cpu" and "CUDAExecutionProvider" in available:
+        index = device.partition(":")[2]
+        if index and not index.isdigit():
+            raise UserError(f"--device {device!r} is not recognised; use auto, cpu, cuda or cuda:N")
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(index or 0)}))
+    return providers
 
 
 class OnnxClassifier:
@@ -44,13 +56,11 @@ class OnnxClassifier:
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
-        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+        providers = execution_providers(device, ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(path, options, providers=providers)
         except Exception as exc:  # ONNX Runtime's errors have no common base class
-            raise UserError(f"--model {path!r} is not a readable ONNX model ({str(exc).splitlines()[0][:160]}); "
+            raise UserError(f"--model {path!r} is not a readable ONNX model ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]}); "
                             "export it again with `python -m pipeline export`") from None
         raw = self.session.get_modelmeta().custom_metadata_map
         try:

@@ -15,6 +15,7 @@ the transformer) all extract with :class:`Extractor`. This module is also the on
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -31,12 +32,16 @@ __all__ = [
     "BATCH_SIZE",
     "SMALL_JOB",
     "allowed_cores",
+    "cpu_quota",
+    "loader_batch_size",
     "default_batch_size",
     "default_workers",
     "sync",
     "exact_fp32",
     "numerics",
     "out_of_memory_hint",
+    "choose_decode",
+    "tensor_decode_available",
     "weights_identity",
     "load_weights",
     "forget_weights",
@@ -46,18 +51,68 @@ __all__ = [
 
 BATCH_SIZE = {"cpu": 32, "cuda": 256}  # images per forward pass by default, per device type
 SMALL_JOB = 64  # fewer images than this: no loader processes (starting them costs more)
+# The top-level torch.OutOfMemoryError is recent; older torch names the same class torch.cuda.OutOfMemoryError.
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 _WEIGHTS_KEPT = 2  # resolved weights kept per process (a ResNet18 state_dict is 45 MB)
 
 
 # --------------------------------------------------------------------------- defaults
 
 
-def allowed_cores() -> int:
-    """Cores this process may run on (its CPU affinity), falling back to the machine's count."""
+# cgroup v2 (cpu.max) and v1 (cpu.cfs_quota_us / cpu.cfs_period_us) CPU quotas, as a container
+# sees them: `docker --cpus`, Kubernetes CPU limits.
+CGROUP_ROOT = "/sys/fs/cgroup"
+_CGROUP_V1_DIRS = ("cpu", "cpu,cpuacct", "cpuacct,cpu", "")
+
+
+def _read_first_line(path: str) -> str:
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return fh.readline().strip()
+    except OSError:
+        return ""
+
+
+def cpu_quota() -> Optional[float]:
+    """The CFS quota in cores (e.g. 2.5 for ``docker --cpus 2.5``), or None when there is none."""
+    quota, _, period = _read_first_line(os.path.join(CGROUP_ROOT, "cpu.max")).partition(" ")
+    if not quota:  # cgroup v1
+        for sub in _CGROUP_V1_DIRS:
+            quota = _read_first_line(os.path.join(CGROUP_ROOT, sub, "cpu.cfs_quota_us"))
+            period = _read_first_line(os.path.join(CGROUP_ROOT, sub, "cpu.cfs_period_us"))
+            if quota:
+                break
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max", missing or unreadable: no quota
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def allowed_cores() -> int:
+    """Cores this process may use: its CPU affinity (a SLURM or ``taskset`` allocation) capped by a CFS
+    quota (:func:`cpu_quota`, rounded up), falling back to the machine's count."""
+    try:
+        cores = max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cores = max(1, os.cpu_count() or 1)
+    quota = cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def loader_batch_size(forward_images: int, workers: int, images: Optional[int] = None) -> int:
+    """Images per loader batch, so that ``workers`` processes decode one forward batch together.
+
+    One worker assembles one loader batch. Were a loader batch the forward batch (256 on a GPU),
+    a split of at most 256 images would decode on one core while the others idle; a loader
+    batch of ``forward_images // workers`` (and at most ``images / workers``, for a job smaller
+    than that) spreads every forward batch over all the workers.
+    """
+    workers = max(1, workers)
+    size = forward_images // workers
+    if images:
+        size = min(size, math.ceil(images / workers))
+    return max(1, size)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -92,19 +147,15 @@ def exact_fp32(device: torch.device, precision: str) -> Iterator[None]:
     torch allows TF32 convolutions on Ampere and later GPUs by default
     (``torch.backends.cudnn.conv.fp32_precision == "tf32"``), so "fp32" would silently be
     TF32 (10-bit mantissa) and GPU fp32 features would differ from CPU fp32 ones beyond
-    rounding, under the same cache key. The previous settings come back after the block.
+    rounding, under the same cache key. The previous settings come back after the last
+    concurrent block (:func:`pipeline.backbones.device.ieee_fp32`).
     A no-op on CPU and for the other precisions.
     """
     if precision != "fp32" or device.type != "cuda":
         yield
         return
-    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
-    before = conv.fp32_precision, matmul.fp32_precision
-    conv.fp32_precision = matmul.fp32_precision = "ieee"
-    try:
+    with backbones.ieee_fp32():  # guarded per torch version, thread-safe
         yield
-    finally:
-        conv.fp32_precision, matmul.fp32_precision = before
 
 
 @contextlib.contextmanager
@@ -123,10 +174,40 @@ def out_of_memory_hint(device: torch.device, batch_size: int, option: str = "--b
     """A device out-of-memory error inside the block becomes one user error naming ``option``."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except _OUT_OF_MEMORY:
         lower = max(1, batch_size // 2)
         raise UserError(f"out of memory on {device} with {option} {batch_size}; lower it (e.g. {option} "
                         f"{lower}) or free the device") from None
+
+
+def tensor_decode_available() -> bool:
+    """torchvision's batched ``decode_jpeg`` with ``apply_exif_orientation`` (torchvision >= 0.19)."""
+    import inspect
+
+    from torchvision.io import decode_jpeg
+
+    return "apply_exif_orientation" in inspect.signature(decode_jpeg).parameters
+
+
+def choose_decode(spec: str, device: torch.device, engine: str = "torch") -> str:
+    """``pil`` or ``tensor`` (JPEGs decoded by ``torchvision.io.decode_jpeg`` on ``device``) for ``--decode``.
+
+    ``auto``: tensor where extraction runs on CUDA (nvJPEG) and torchvision has the decoder, else
+    PIL. ``gpu`` elsewhere is a user error.
+    """
+    if spec == "pil" or (spec == "auto" and (device.type != "cuda" or engine != "torch")):
+        return "pil"
+    if spec not in ("auto", "gpu"):
+        raise UserError(f"--decode {spec!r} is not recognised; use auto, pil or gpu")
+    if spec == "gpu" and (device.type != "cuda" or engine != "torch"):
+        raise UserError(f"--decode gpu decodes on the CUDA device that extracts, not on {device} ({engine} engine); "
+                        "use --device cuda, or --decode pil or auto")
+    if not tensor_decode_available():
+        if spec == "gpu":
+            raise UserError("--decode gpu needs torchvision >= 0.19 (decode_jpeg with apply_exif_orientation); "
+                            "upgrade torchvision or use --decode pil")
+        return "pil"
+    return "tensor"
 
 
 # --------------------------------------------------------------------------- weights
@@ -211,8 +292,11 @@ class Extractor:
     ``processes``: extraction processes sharing this machine (for the worker default).
     """
 
+    decode = "pil"  # or "tensor": JPEGs decoded on ``device`` by torchvision (:func:`choose_decode`)
+
     def __init__(self, weights: backbones.Weights, device: torch.device, precision: str, batch_size: int = 0,
-                 workers: int = -1, channels_last: bool = True, processes: int = 1):
+                 workers: int = -1, channels_last: bool = True, processes: int = 1, decode: str = "pil"):
+        self.decode = decode
         self.device = device
         self.precision = precision
         self.batch_size = batch_size or default_batch_size(device)
@@ -225,42 +309,147 @@ class Extractor:
 
     def loader(self, root: str, relpaths: Sequence[str], views: int = 0, seed: int = 0,
                draft: bool = True) -> torch.utils.data.DataLoader:
-        """Batches of ``data.ExtractionDataset`` samples holding at most ``batch_size`` images (views included)."""
+        """Batches of ``data.ExtractionDataset`` samples, :func:`loader_batch_size` of one forward batch each."""
         workers = default_workers(self.device, self.processes, len(relpaths)) if self.workers < 0 else self.workers
         return torch.utils.data.DataLoader(
-            data.ExtractionDataset(root, relpaths, views=views, seed=seed, draft=draft, preprocess=self.preprocess),
-            batch_size=max(1, self.batch_size // (1 + views)),
+            self._dataset(root, relpaths, views, seed, draft),
+            batch_size=loader_batch_size(self._forward_images(views), workers, len(relpaths)),
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=4 if workers else None,
         )
 
+    def decodes_in_process(self, views: int = 0) -> bool:
+        """CPU extraction with ``workers=-1`` and no augmented views (their seeding uses torch's global
+        generator, which threads would share): decode in this process, on one thread per allowed core,
+        between forward passes (:meth:`_decoded_in_threads`), instead of in loader processes.
+
+        On a CPU the forward already runs one thread per core; a loader process beside it takes a
+        core from one compute thread in the middle of a parallel region, and every other thread
+        waits for it at the region's end. Decoding and computing in turn, each on every core,
+        costs the sum of the two and no more: the decode + forward floor.
+        """
+        return self.device.type == "cpu" and self.workers < 0 and not views
+
+    def _decoded_in_threads(self, root: str, relpaths: Sequence[str], views: int, seed: int,
+                            draft: bool) -> Iterator[dict]:
+        """Loader-style batches of one forward batch each, decoded by a thread pool (PIL and the
+        transforms release the GIL for their C work) while the forward waits."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        dataset = self._dataset(root, relpaths, views, seed, draft)
+        step = self._forward_images(views)
+        threads = max(1, allowed_cores() // max(1, self.processes))
+        with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+            for start in range(0, len(dataset), step):
+                samples = list(pool.map(dataset.__getitem__, range(start, min(len(dataset), start + step))))
+                yield torch.utils.data.default_collate(samples)
+
+    def _dataset(self, root: str, relpaths: Sequence[str], views: int, seed: int,
+                 draft: bool) -> "data.ExtractionDataset":
+        """The images as this engine reads them: its backbone's preprocessing, its decode path."""
+        return data.ExtractionDataset(root, relpaths, views=views, seed=seed, draft=draft,
+                                      raw_jpeg=self.decode == "tensor", preprocess=self.preprocess)
+
+    def _forward_images(self, views: int) -> int:
+        """Files per forward batch: ``batch_size`` images with their views."""
+        return max(1, self.batch_size // (1 + views))
+
     def batches(self, root: str, relpaths: Sequence[str], views: int = 0, seed: int = 0,
                 draft: bool = True) -> Iterator[Batch]:
-        """Features (and ``views`` augmented views) of every image, one :class:`Batch` per loader batch."""
+        """Features (and ``views`` augmented views) of every image, one :class:`Batch` per forward batch
+        (the loader batches the workers decoded together)."""
+        per_forward = self._forward_images(views)
+        if self.decodes_in_process(views):
+            source = self._decoded_in_threads(root, relpaths, views, seed, draft)
+        else:
+            source = self.loader(root, relpaths, views, seed, draft)
         with torch.inference_mode():
-            for batch in self.loader(root, relpaths, views, seed, draft):
-                yield self._batch(batch, views)
+            group, count = [], 0
+            for batch in source:
+                group.append(batch)
+                count += len(batch["error"])
+                if count + len(batch["error"]) > per_forward:
+                    yield self._batch(group, views)
+                    group, count = [], 0
+            if group:
+                yield self._batch(group, views)
 
-    def _batch(self, batch: dict, views: int) -> Batch:
-        errors = list(batch["error"])
+    def _batch(self, group: List[dict], views: int) -> Batch:
+        errors = [e for batch in group for e in batch["error"]]
         n = len(errors)
         feats = np.zeros((n, self.dim), np.float32)
         view_feats = np.zeros((n, views, self.dim), np.float32) if views else None
-        # Consecutive decodable rows are slices of the (pinned) batch: views, not copies.
-        for start, stop in _runs([not e for e in errors]):
-            feats[start:stop] = self.forward(batch["image"][start:stop])
+        # Consecutive decodable rows are slices of the (pinned) loader batches: views, not copies.
+        rows, images, flat_views, offset = [], [], [], 0
+        jpeg_rows, jpegs = [], []
+        for batch in group:
+            raw = batch.get("jpeg") or [b""] * len(batch["error"])
+            for j, blob in enumerate(raw):
+                if blob and not batch["error"][j]:
+                    jpeg_rows.append(offset + j)
+                    jpegs.append(blob)
+            for start, stop in _runs([not e and not b for e, b in zip(batch["error"], raw)]):
+                rows.extend(range(offset + start, offset + stop))
+                images.append(batch["image"][start:stop])
+                if views:
+                    flat_views.append(batch["views"][start:stop].flatten(0, 1))
+            offset += len(batch["error"])
+        if jpegs:
+            decoded, failed = self._decode_jpegs(jpegs)
+            for row, error in zip(jpeg_rows, failed):
+                errors[row] = error
+            ok = [row for row, error in zip(jpeg_rows, failed) if not error]
+            if ok:
+                rows.extend(ok)
+                images.append(decoded)
+        if rows:
+            feats[rows] = self.forward(images)
             if views:
-                flat = batch["views"][start:stop].flatten(0, 1)
-                view_feats[start:stop] = self.forward(flat).reshape(stop - start, views, self.dim)
-        return Batch(batch["index"].tolist(), list(batch["sha1"]), errors, feats, view_feats)
+                view_feats[rows] = self.forward(flat_views).reshape(len(rows), views, self.dim)
+        index = [i for batch in group for i in batch["index"].tolist()]
+        return Batch(index, [h for batch in group for h in batch["sha1"]], errors, feats, view_feats)
 
-    def forward(self, images: torch.Tensor) -> np.ndarray:
-        """Features of ``images`` (n, 3, H, W) as float32 (n, D), at most ``batch_size`` per pass."""
+    def _decode_jpegs(self, blobs: List[bytes]) -> Tuple[torch.Tensor, List[str]]:
+        """JPEG bytes -> normalised (m, 3, crop, crop) on the device, and an error per file ("" when decoded).
+
+        One batched ``decode_jpeg`` call; if it fails, file by file, and a file the tensor
+        decoder rejects goes through PIL (:func:`pipeline.data.decode_image`: EXIF, CMYK, ...).
+        """
+        try:
+            tensors = data.decode_jpegs(blobs, self.device)
+        except Exception:  # one file spoils the batch call: find it
+            tensors = []
+            for blob in blobs:
+                try:
+                    tensors.append(data.decode_jpegs([blob], self.device)[0])
+                except Exception:
+                    tensors.append(None)
+        out, errors = [], []
+        eval_tf = None
+        for blob, tensor in zip(blobs, tensors):
+            try:
+                if tensor is None:  # PIL's robust path, on the host
+                    eval_tf = eval_tf or data.eval_transform(self.preprocess)
+                    out.append(eval_tf(data.decode_image(blob)).to(self.device))
+                else:
+                    out.append(data.tensor_eval_transform(tensor, self.preprocess))
+                errors.append("")
+            except Exception as exc:  # a bad image is data, not a crash
+                errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
+        return (torch.stack(out) if out else torch.zeros(0)), errors
+
+    def forward(self, images) -> np.ndarray:
+        """Features of ``images`` (n, 3, H, W), or a list of such tensors taken as one, as float32 (n, D);
+        at most ``batch_size`` per pass. Each tensor is copied to the device as it is (pinned loader
+        batches, no host copy first) and joined there."""
+        parts = list(images) if isinstance(images, (list, tuple)) else [images]
         out = []
         with out_of_memory_hint(self.device, self.batch_size), torch.inference_mode():
-            for start in range(0, len(images), self.batch_size):
-                x = images[start:start + self.batch_size].to(self.device, non_blocking=True)
+            parts = [p.to(self.device, non_blocking=True) for p in parts if len(p)]
+            joined = (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else None
+            for start in range(0, len(joined) if joined is not None else 0, self.batch_size):
+                x = joined[start:start + self.batch_size]
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with numerics(self.device, self.precision):

@@ -73,7 +73,9 @@ class OnnxExtractor(Extractor):
         self.session = ort.InferenceSession(export_backbone(weights, cache), options,
                                             providers=["CPUExecutionProvider"])
 
-    def forward(self, images: torch.Tensor) -> np.ndarray:
+    def forward(self, images) -> np.ndarray:
+        if isinstance(images, (list, tuple)):  # the loader batches of one forward batch
+            images = torch.cat(list(images)) if images else torch.zeros(0, 3, 1, 1)
         out = [self.session.run(None, {"image": images[i:i + self.batch_size].contiguous().numpy()})[0]
                for i in range(0, len(images), self.batch_size)]
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros((0, self.dim), np.float32)

@@ -88,6 +88,7 @@ class Resolved:
     settings: dict
     path: str
     engine: str = "torch"  # what computes the features (not part of the key: fp32 either way)
+    decode: str = "pil"  # who decodes JPEGs: pil or tensor (extraction.choose_decode; part of the key)
 
 
 def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resolved:
@@ -99,22 +100,34 @@ def resolve(cfg: FeaturesConfig, device: Optional[torch.device] = None) -> Resol
         raise UserError(f"--engine onnxruntime computes fp32 on CPU, not {precision} on {device}; pass "
                         "--device cpu --precision fp32 (the same to heads), or use --engine torch")
     backbone = backbones.get_backbone(cfg.backbone)
+    decode = extraction.choose_decode(cfg.decode, device, cfg.engine)
     weights = extraction.load_weights(cfg.weights, cfg.seed, backbone.name)
     dataset = data.discover(cfg.data)
     settings = {
         "backbone": backbone.name,
         "weights_sha256": weights.sha256,
-        "transform": data.describe_transforms(cfg.views, cfg.draft, backbone.preprocess()),
+        "transform": _transform(cfg, decode, backbone.preprocess()),
         "precision": precision,
         "data_root": dataset.root,
         "view_seed": cfg.seed if cfg.views else None,
         "format_version": store.FORMAT_VERSION,
     }
     path = store.cache_file(cfg.cache, dataset.root, store.settings_key(settings))
-    return Resolved(dataset, weights, device, precision, settings, path, cfg.engine)
+    return Resolved(dataset, weights, device, precision, settings, path, cfg.engine, decode)
 
 
-def _request(cfg: FeaturesConfig, precision: str) -> str:
+def _transform(cfg: FeaturesConfig, decode: str, preprocess: dict) -> dict:
+    """What shapes the backbone's input (``preprocess``: the backbone's). The tensor decode path
+    changes feature values slightly (another resize implementation, no draft mode), so it is part
+    of the cache's key; PIL, the default everywhere but CUDA, adds nothing (caches made before
+    ``--decode`` keep their key)."""
+    desc = data.describe_transforms(cfg.views, cfg.draft, preprocess)
+    if decode == "tensor":
+        desc["decode"] = data.TENSOR_DECODE
+    return desc
+
+
+def _request(cfg: FeaturesConfig, precision: str, decode: str = "pil") -> str:
     """The index key: every setting that names a cache, knowable without weights or images.
 
     The weights are named by spec and seed, or by a file's path, size, mtime and inode (a
@@ -124,7 +137,7 @@ def _request(cfg: FeaturesConfig, precision: str) -> str:
     request = {
         "data_root": os.path.abspath(cfg.data),
         "weights": list(extraction.weights_identity(cfg.weights, cfg.seed)),
-        "transform": data.describe_transforms(cfg.views, cfg.draft, backbone.preprocess()),
+        "transform": _transform(cfg, decode, backbone.preprocess()),
         "precision": precision,
         "view_seed": cfg.seed if cfg.views else None,
         "format_version": store.FORMAT_VERSION,
@@ -149,7 +162,7 @@ def _remember(cfg: FeaturesConfig, res: Resolved) -> None:
     with FileLock(path + ".lock"):
         files.remove_temporaries(*os.path.split(path))  # left by a killed writer (none is live)
         index = _read_index(cfg.cache)
-        index[_request(cfg, res.precision)] = {
+        index[_request(cfg, res.precision, res.decode)] = {
             "file": os.path.basename(res.path), "weights_id": res.weights.id,
             "weights_sha256": res.weights.sha256, "data_root": res.dataset.root}
         text = json.dumps(index, indent=1, sort_keys=True)
@@ -164,7 +177,8 @@ def find_cache(cfg: FeaturesConfig) -> str:
     """
     device = backbones.choose_device(cfg.device)
     precision = backbones.choose_precision(cfg.precision, device)
-    entry = _read_index(cfg.cache).get(_request(cfg, precision))
+    decode = extraction.choose_decode(cfg.decode, device, cfg.engine)
+    entry = _read_index(cfg.cache).get(_request(cfg, precision, decode))
     found = isinstance(entry, dict) and isinstance(entry.get("file"), str)
     path = os.path.join(paths.features_dir(cfg.cache), entry["file"]) if found else ""
     if not path or not os.path.isfile(path):
@@ -224,7 +238,7 @@ def _extract(res: Resolved, cfg: FeaturesConfig, todo: Dict[str, List[Tuple[str,
         engine = OnnxExtractor(res.weights, cfg.cache, cfg.batch_size, cfg.workers, processes=ctx.local_world_size)
     else:
         engine = extraction.Extractor(res.weights, res.device, res.precision, cfg.batch_size, cfg.workers,
-                                      cfg.channels_last, processes=ctx.local_world_size)
+                                      cfg.channels_last, processes=ctx.local_world_size, decode=res.decode)
     desc = f"features rank 0/{ctx.world_size}" if ctx.is_distributed else "features"
     bar = tqdm(total=total, unit="img", desc=desc, disable=not (cfg.progress and ctx.is_primary),
                dynamic_ncols=True)

@@ -30,6 +30,7 @@ checkpoints (``checkpoints``), what the stage returns and prints (``result``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -54,7 +55,7 @@ from ..errors import UserError
 from ..features import extraction, store
 from ..config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_select
 from .checkpoints import RUN_FORMAT, verify_checkpoint  # noqa: F401 (re-exported: tests and export read them here)
-from ..features.extraction import default_batch_size, default_workers
+from ..features.extraction import default_batch_size, default_workers, loader_batch_size
 from .result import FinetuneResult, RunResult
 from ..records import RUN_SETTING_KEYS, RunRecord, setting_digest
 from ..versions import TORCH_STACK, library_versions
@@ -249,7 +250,8 @@ def _setup(ctx: FinetuneRun, ckpt: Optional[dict]) -> _Training:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     loaders = _loaders(ctx, net)
-    step = Step(net, optimizer, scaler, device, precision, cfg.channels_last, cfg.batch_size)
+    step = Step(net, optimizer, scaler, device, precision, cfg.channels_last, cfg.batch_size,
+                pass_batch_size(cfg, device))
     t = _Training(net, step, scheduler, loaders)
     if ckpt is not None:
         net.model.load_state_dict(ckpt["model"])
@@ -293,13 +295,15 @@ def _epoch(ctx: FinetuneRun, t: _Training, epoch: int) -> dict:
     shown = ""
     if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):  # --eval-every
         val_started = time.perf_counter()
-        val_loss, pred, _ = evaluate(step, loaders.val)
+        with _pass_hint(ctx):
+            val_loss, pred, _ = evaluate(step, loaders.val)
         record.update(val_loss=val_loss, val_acc=float((pred == loaders.val_labels).mean()),
                       val_seconds=time.perf_counter() - val_started)
         shown = f"val loss {val_loss:.4f} acc {record['val_acc']:.4f}  "
     held = ""
     if loaders.holdout is not None:
-        hold_loss, hold_pred, _ = evaluate(step, loaders.holdout)
+        with _pass_hint(ctx):
+            hold_loss, hold_pred, _ = evaluate(step, loaders.holdout)
         record.update(holdout_loss=hold_loss, holdout_acc=float((hold_pred == loaders.holdout_labels).mean()))
         held = f"  holdout acc {record['holdout_acc']:.4f}"
     if ctx.device.type == "cuda":
@@ -308,6 +312,19 @@ def _epoch(ctx: FinetuneRun, t: _Training, epoch: int) -> dict:
     _say(f"{ctx.name} epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
          f"{shown}{held.strip()}  lr {lr:.2g}  {seconds:.1f} s", cfg.progress)
     return dict(record, seconds=seconds, train_seconds=train_seconds)
+
+
+def pass_batch_size(cfg: FinetuneConfig, device: torch.device) -> int:
+    """Images per pass without gradients (val, holdout, frozen-prefix chunks): ``--eval-batch-size``,
+    else max(``--batch-size``, the device's extraction batch)."""
+    return cfg.eval_batch_size or max(cfg.batch_size, default_batch_size(device))
+
+
+def _pass_hint(ctx: FinetuneRun, applies: bool = True):
+    """Out of memory in a pass of :func:`pass_batch_size` images: one line naming ``--eval-batch-size``."""
+    if not applies:
+        return contextlib.nullcontext()
+    return extraction.out_of_memory_hint(ctx.device, pass_batch_size(ctx.cfg, ctx.device), "--eval-batch-size")
 
 
 def _selection(ctx: FinetuneRun, t: _Training) -> dict:
@@ -332,7 +349,8 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
         verify_checkpoint(best_path, t.model_sha256)
     t.net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
     started = time.perf_counter()
-    _, pred, proba = evaluate(t.step, t.loaders.val)
+    with _pass_hint(ctx):
+        _, pred, proba = evaluate(t.step, t.loaders.val)
     predict_seconds = time.perf_counter() - started
     items = t.loaders.val_items
     result = metrics.evaluate([i.label for i in items], pred, ctx.dataset.classes,
@@ -397,6 +415,14 @@ class Step:
     precision: str
     channels_last: bool
     batch_size: int
+    pass_batch_size: int = 0  # images per frozen-prefix chunk (chunked modes): for the out-of-memory hint
+
+
+def _prefix_hint(s: Step):
+    """A frozen-prefix chunk holds ``--eval-batch-size`` images: an out-of-memory there names that option."""
+    if not (s.net.chunked and len(s.net.frozen)):
+        return contextlib.nullcontext()
+    return extraction.out_of_memory_hint(s.device, s.pass_batch_size, "--eval-batch-size")
 
 
 def _to_device(images: torch.Tensor, s: Step) -> torch.Tensor:
@@ -412,7 +438,7 @@ def train_one_epoch(s: Step, loader: torch.utils.data.DataLoader, bar) -> Tuple[
     seen, shown = 0, time.perf_counter()
     for images, labels in loader:
         x, y = _to_device(images, s), labels.to(s.device, non_blocking=True)
-        with backbones.autocast(s.device, s.precision):
+        with backbones.autocast(s.device, s.precision), _prefix_hint(s):
             feats = s.net.features(x)
         for start in range(0, y.shape[0], s.batch_size):
             f, t = feats[start:start + s.batch_size], y[start:start + s.batch_size]
@@ -577,9 +603,9 @@ def _loaders(ctx: FinetuneRun, net: _Net) -> Loaders:
     cfg, root, splits, seed, device = ctx.cfg, ctx.dataset.root, ctx.splits, ctx.seed, ctx.device
     preprocess = ctx.backbone.preprocess()
     workers = default_workers(device) if cfg.workers < 0 else cfg.workers
-    big = max(cfg.batch_size, default_batch_size(device))
+    big = pass_batch_size(cfg, device)
     # Frozen-prefix modes load chunks of whole optimiser batches, so the prefix runs batched.
-    train_batch = (big // cfg.batch_size) * cfg.batch_size if net.chunked else cfg.batch_size
+    train_batch = max(1, big // cfg.batch_size) * cfg.batch_size if net.chunked else cfg.batch_size
     sampler = EpochSampler(len(splits["train"]), seed)
     generator = torch.Generator().manual_seed(seed)
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
@@ -588,13 +614,15 @@ def _loaders(ctx: FinetuneRun, net: _Net) -> Loaders:
         AugmentedDataset(root, splits["train"], data.train_transform(preprocess)), batch_size=train_batch,
         sampler=sampler, generator=generator, **common)
     val = torch.utils.data.DataLoader(
-        data.ImageDataset(root, splits["val"], data.eval_transform(preprocess)), batch_size=big, shuffle=False,
+        data.ImageDataset(root, splits["val"], data.eval_transform(preprocess)),
+        batch_size=loader_batch_size(big, workers, len(splits["val"])), shuffle=False,
         **common)
     loaders = Loaders(train, val, sampler, generator, list(splits["val"]),
                        np.array([item.label for item in splits["val"]]), len(splits["train"]))
     if splits.get("holdout"):
         loaders.holdout = torch.utils.data.DataLoader(
-            data.ImageDataset(root, splits["holdout"], data.eval_transform(preprocess)), batch_size=big, shuffle=False,
+            data.ImageDataset(root, splits["holdout"], data.eval_transform(preprocess)),
+            batch_size=loader_batch_size(big, workers, len(splits["holdout"])), shuffle=False,
             **common)
         loaders.holdout_labels = np.array([i.label for i in splits["holdout"]])
     return loaders
@@ -629,7 +657,7 @@ def _settings(ctx: FinetuneRun) -> dict:
         "batch_size": cfg.batch_size, "lr": cfg.lr, "momentum": cfg.momentum,
         "weight_decay": cfg.weight_decay, "step_size": cfg.step_size, "gamma": cfg.gamma,
         "precision": precision, "device_type": device.type, "channels_last": cfg.channels_last,
-        "chunk": default_batch_size(device),
+        "chunk": cfg.eval_batch_size or default_batch_size(device),
         "transform": {"train": repr(data.train_transform(preprocess)), "eval": repr(data.eval_transform(preprocess))},
         "data_root": dataset.root,
         "classes": dataset.classes,
