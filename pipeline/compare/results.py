@@ -9,7 +9,8 @@ Unreadable or incomplete files are skipped with a warning, never half-used.
 Compute time: a head's total is the *full* feature extraction of the cache it was fitted on
 plus its own fit time (the extraction is shared by every head on that cache, but each head
 needs all of it, so each is charged in full: the fair cost of choosing that head alone). A
-run's total is its ``total_seconds``.
+run's total is its device-seconds: ``total_seconds`` (wall clock) times the ranks that trained
+it together under torchrun (``world_size``, 1 without it).
 """
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def _load_run(path: str, doc: dict) -> Result:
         kind="run", name=rec.name, method=rec.mode + ("" if rule == "final" else f" ({selection})"),
         source=path, metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
         weights_id=rec.weights.id, weights_sha256=rec.weights.sha256, pretrained=rec.weights.pretrained,
-        total_seconds=rec.total_seconds, train_seconds=rec.total_seconds,
+        total_seconds=rec.total_seconds * rec.world_size, train_seconds=rec.total_seconds * rec.world_size,
         predict_ms=rec.predict_ms_per_image, trainable_parameters=rec.trainable_parameters,
         device=rec.device, seed=rec.seed, epochs=rec.epochs, selection=selection,
         train_per_class=rec.train_per_class, best_val_epoch=rec.best_val_epoch, best_val_acc=rec.best_val_acc,

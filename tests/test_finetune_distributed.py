@@ -1,0 +1,247 @@
+"""End-to-end runs under torchrun: two CPU ranks (gloo, DistributedDataParallel) against one process.
+
+The data sets have an odd number of train and val images, so the last optimiser step leaves
+rank 1 an empty share and the sharded val pass pads one image: both must leave every number
+as one process computes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import cli, distributed
+from pipeline.config import FinetuneConfig
+from pipeline.errors import UserError
+from pipeline.finetune import ddp, stage as finetune
+from tests.conftest import SMALL_PREPROCESS, make_dataset
+from tests.test_distributed import _kill_tree
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Each rank runs the CLI at the tests' small preprocessing (32-pixel crops), one thread. With
+# KILL_RANK1_AT=N, rank 1 SIGKILLs itself at its N-th optimiser step (mid-epoch).
+_RANK = f"""
+import os, signal, sys
+import torch
+from pipeline import config
+config.PREPROCESS.update({SMALL_PREPROCESS!r})
+torch.set_num_threads(1)
+kill_at = int(os.environ.get("KILL_RANK1_AT", "0"))
+if kill_at and os.environ.get("RANK") == "1":
+    from pipeline.finetune import stage
+    original, calls = stage._optimise, [0]
+    def optimise(*a, **k):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*a, **k)
+    stage._optimise = optimise
+from pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _data(root: Path) -> Path:
+    """9 train images (batch 4: steps of 4, 4, 1) and 5 val images, two classes."""
+    data = make_dataset(root, n_train=5, n_val=3)
+    os.remove(data / "train" / "bees" / "img_004.jpg")
+    os.remove(data / "val" / "bees" / "img_002.jpg")
+    return data
+
+
+def _args(data, cache, mode, epochs=2, **kw):
+    args = ["finetune", "--data", str(data), "--cache", str(cache), "--mode", mode, "--epochs", str(epochs),
+            "--weights", "random", "--device", "cpu", "--precision", "fp32", "--workers", "0", "--batch-size", "4",
+            "--no-progress", "--dist-timeout", "120"]
+    for key, value in kw.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def _torchrun(tmp_path, args, env=None, timeout=300):
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc)
+        raise AssertionError("the distributed run hung")
+    return proc.returncode, out, err
+
+
+def _single(data, cache, mode, epochs=2, **kw):
+    cfg = FinetuneConfig(data=str(data), cache=str(cache), mode=mode, epochs=epochs, weights="random", device="cpu",
+                         precision="fp32", workers=0, batch_size=4, progress=False, **kw)
+    return finetune.run(cfg).runs[0]
+
+
+def _read(run_dir) -> tuple:
+    with open(os.path.join(run_dir, "history.json"), encoding="utf-8") as fh:
+        history = json.load(fh)["epochs"]
+    with open(os.path.join(run_dir, "metrics.json"), encoding="utf-8") as fh:
+        record = json.load(fh)
+    model = torch.load(os.path.join(run_dir, "model.pt"), map_location="cpu", weights_only=True)["model"]
+    return history, record, model
+
+
+def _assert_close(a, b, keys, rtol, atol):
+    for key in keys:
+        assert [e[key] for e in a] == pytest.approx([e[key] for e in b], rel=rtol, abs=atol), key
+
+
+@pytest.mark.usefixtures("small_images")
+def test_fixed_mode_two_ranks_equal_one_process(tmp_path):
+    """Same global batch: the same losses, accuracies and final weights up to float noise."""
+    data = _data(tmp_path / "data")
+    one = _single(data, tmp_path / "one", "fixed")
+    rc, out, err = _torchrun(tmp_path, _args(data, tmp_path / "two", "fixed"))
+    assert rc == 0, err[-3000:]
+    assert out.count("run fixed") == 1, out  # rank 0 alone reports
+    h1, r1, m1 = _read(one.path)
+    h2, r2, m2 = _read(os.path.join(tmp_path / "two", "runs", "fixed"))
+    _assert_close(h2, h1, ("train_loss", "train_acc", "val_loss", "val_acc", "lr"), rtol=1e-5, atol=1e-6)
+    assert sorted(m1) == sorted(m2)
+    for name in m1:
+        torch.testing.assert_close(m2[name], m1[name], rtol=1e-5, atol=1e-6)
+    assert r2["world_size"] == 2 and r2["config"]["world_size"] == 2 and r1["world_size"] == 1
+    assert not r2["sync_batchnorm"]  # nothing trains BatchNorm in fixed mode
+    # The gathered val pass: every image once, in data-set order (5 images over 2 ranks: one padded).
+    assert r2["metrics"]["n"] == r1["metrics"]["n"] == 5
+    p1, p2 = r1["metrics"]["predictions"], r2["metrics"]["predictions"]
+    assert p2["paths"] == p1["paths"] and p2["y_true"] == p1["y_true"] and p2["y_pred"] == p1["y_pred"]
+    assert p2["confidence"] == pytest.approx(p1["confidence"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("small_images")
+def test_finetune_mode_with_sync_batchnorm_matches_one_process(tmp_path):
+    """Every layer and its BatchNorm train: per-epoch losses within 1e-4 (relative) of one process."""
+    data = _data(tmp_path / "data")
+    one = _single(data, tmp_path / "one", "finetune", epochs=3, select="holdout:0.34")
+    rc, out, err = _torchrun(tmp_path, _args(data, tmp_path / "two", "finetune", epochs=3, select="holdout:0.34"))
+    assert rc == 0, err[-3000:]
+    h1, r1, m1 = _read(one.path)
+    h2, r2, m2 = _read(os.path.join(tmp_path / "two", "runs", os.path.basename(one.path)))
+    _assert_close(h2, h1, ("train_loss", "val_loss", "holdout_loss"), rtol=1e-4, atol=1e-5)
+    assert r2["sync_batchnorm"] and r2["config"]["sync_batchnorm_layers"] == 20  # every BatchNorm of ResNet18
+    assert r2["selection"]["selected_epoch"] == r1["selection"]["selected_epoch"]
+    for name in m1:  # running statistics included
+        torch.testing.assert_close(m2[name].float(), m1[name].float(), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("small_images")
+def test_kill_rank_1_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
+    data = _data(tmp_path / "data")
+    rc, _, err = _torchrun(tmp_path, _args(data, tmp_path / "whole", "finetune", epochs=3))
+    assert rc == 0, err[-3000:]
+    # 3 steps per epoch: step 5 is the middle of epoch 2, after epoch 1's last.pt.
+    rc, out, _ = _torchrun(tmp_path, _args(data, tmp_path / "killed", "finetune", epochs=3),
+                           env={"KILL_RANK1_AT": "5"})
+    run = os.path.join(tmp_path / "killed", "runs", "finetune")
+    assert rc != 0 and not os.path.exists(os.path.join(run, "metrics.json"))
+    assert torch.load(os.path.join(run, "last.pt"), weights_only=True)["epoch"] == 1
+    rc, out, err = _torchrun(tmp_path, _args(data, tmp_path / "killed", "finetune", epochs=3))
+    assert rc == 0, err[-3000:]
+    assert "resumed" in out or "resuming" in err
+    h1, r1, m1 = _read(os.path.join(tmp_path / "whole", "runs", "finetune"))
+    h2, r2, m2 = _read(run)
+    _assert_close(h2, h1, ("train_loss", "train_acc", "val_loss", "val_acc"), rtol=0, atol=0)
+    for name in m1:
+        assert torch.equal(m2[name], m1[name]), name
+    assert r2["metrics"]["predictions"] == r1["metrics"]["predictions"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("small_images")
+def test_resume_under_another_world_size_is_refused_with_one_line(tmp_path):
+    data = _data(tmp_path / "data")
+    _single(data, tmp_path / "c", "fixed", epochs=1)
+    rc, out, err = _torchrun(tmp_path, _args(data, tmp_path / "c", "fixed", epochs=2))
+    assert rc != 0
+    assert "written by a run of 1 rank(s) and this launch has 2" in err and "--rebuild" in err
+    assert "Traceback" not in err.split("torch.distributed.elastic")[0]  # the ranks print one line, no traceback
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """This process as rank 0 of 2 on one node (the checks that refuse a launch run before any rendezvous)."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mode", "finetune", "--batch-size", "2"], "--batch-size 2 over 2 ranks is 1 image per rank, and BatchNorm trains"),
+    (["--mode", "fixed", "--bn", "train", "--batch-size", "2"], "1 image per rank, and BatchNorm trains in this run (--bn train)"),
+    (["--mode", "fixed", "--batch-size", "3"], "--batch-size 3 is the global batch and does not split evenly over 2 ranks"),
+])
+def test_bad_launches_are_refused_with_one_line(launched, tmp_path, capsys, args, message):
+    data = make_dataset(tmp_path / "data", n_train=1, n_val=1)
+    rc = cli.main(["finetune", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "random",
+                   "--device", "cpu", "--no-progress", *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_cuda_with_fewer_gpus_than_ranks_is_refused_with_one_line(launched, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    data = make_dataset(tmp_path / "data", n_train=1, n_val=1)
+    rc = cli.main(["finetune", "--data", str(data), "--cache", str(tmp_path / "c"), "--weights", "random",
+                   "--device", "cuda", "--mode", "fixed", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "torchrun started 2 processes on this node but 1 GPU(s) are visible; use --nproc_per_node=1" in err
+
+
+def test_resume_refuses_another_world_size():
+    ckpt = {"config": {"world_size": 1}}
+    ddp.check_resume(ckpt, distributed.Context(), "last.pt")  # the same: resumes
+    with pytest.raises(UserError, match=r"written by a run of 1 rank\(s\) and this launch has 4: resume it with "
+                                        r"a single process .*--rebuild"):
+        ddp.check_resume(ckpt, distributed.Context(rank=0, world_size=4), "last.pt")
+    with pytest.raises(UserError, match="torchrun --nproc_per_node=2"):
+        ddp.check_resume({"config": {"world_size": 2}}, distributed.Context(), "last.pt")
+
+
+@pytest.mark.parametrize("n, batch, world", [(9, 4, 2), (10, 4, 2), (7, 6, 3), (5, 8, 2), (12, 4, 4)])
+def test_ranks_share_each_global_batch_of_the_single_process_order(n, batch, world):
+    """Concatenating the ranks' shares step by step gives the one-process order, seeds included."""
+    single = list(iter(finetune.ddp.EpochSampler(n, 3)))
+    ranks = [ddp.ShardedEpochSampler(n, 3, batch, r, world) for r in range(world)]
+    for s in ranks:
+        s.set_epoch(0)
+    shares = [list(iter(s)) for s in ranks]
+    assert [len(s) for s in shares] == [len(s) for s in ranks]
+    sizes = ranks[0].step_sizes()
+    assert sum(sizes) == n and all(m == batch for m in sizes[:-1])
+    rebuilt, taken = [], [0] * world
+    for m in sizes:
+        for r in range(world):
+            k = len(range(m)[ddp._share(m, r, world)])
+            rebuilt += shares[r][taken[r]:taken[r] + k]
+            taken[r] += k
+    assert rebuilt == single
+    for s in ranks:
+        s.set_epoch(1)
+    assert [x for s in ranks for x in s] != [x for sh in shares for x in sh]  # a new order each epoch
+
+
+def test_gathered_rows_are_in_data_set_order_without_padding():
+    n, world = 5, 2
+    dataset = list(range(n))
+    ctxs = [distributed.Context(rank=r, world_size=world) for r in range(world)]
+    shares = [list(ddp.eval_sampler(dataset, c)) for c in ctxs]
+    assert [len(s) for s in shares] == [3, 3]
+    parts = [torch.tensor(s) for s in shares]
+    # What gather_rows does with the all_gather result:
+    assert torch.stack(parts, 1).flatten(0, 1)[:n].tolist() == dataset
