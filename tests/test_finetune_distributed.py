@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import cli, distributed
+from pipeline import backbones, cli, distributed
+from pipeline import data as data_module
 from pipeline.config import FinetuneConfig
 from pipeline.errors import UserError
 from pipeline.finetune import ddp, stage as finetune
@@ -47,10 +48,13 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def _data(root: Path) -> Path:
-    """9 train images (batch 4: steps of 4, 4, 1) and 5 val images, two classes."""
+def _data(root: Path, odd: bool = True) -> Path:
+    """9 train images (batch 4: steps of 4, 4, 1), or 10 with ``odd=False`` (4, 4, 2: where
+    BatchNorm trains, a step of 1 image at 32 pixels leaves layer4 one value per channel, which
+    one process cannot train either), and 5 val images, two classes."""
     data = make_dataset(root, n_train=5, n_val=3)
-    os.remove(data / "train" / "bees" / "img_004.jpg")
+    if odd:
+        os.remove(data / "train" / "bees" / "img_004.jpg")
     os.remove(data / "val" / "bees" / "img_002.jpg")
     return data
 
@@ -124,24 +128,40 @@ def test_fixed_mode_two_ranks_equal_one_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.usefixtures("small_images")
 def test_finetune_mode_with_sync_batchnorm_matches_one_process(tmp_path):
-    """Every layer and its BatchNorm train: per-epoch losses within 1e-4 (relative) of one process."""
-    data = _data(tmp_path / "data")
-    one = _single(data, tmp_path / "one", "finetune", epochs=3, select="holdout:0.34")
-    rc, out, err = _torchrun(tmp_path, _args(data, tmp_path / "two", "finetune", epochs=3, select="holdout:0.34"))
+    """Every layer and its BatchNorm train: after one epoch (two steps of 4 images, 2 per rank)
+    the train loss (batch statistics synchronised in the forward pass), the holdout and val
+    losses (running statistics and weights after two steps) and every weight and BatchNorm
+    buffer are those of one process: losses within 1% (relative), each tensor within 5% of what
+    the epoch changed it (norms; measured here: at most 2.2%, a BatchNorm bias).
+
+    The tolerance is that noise floor, measured: one process alone, run with 1 and with 2 CPU
+    threads (a different summation order, nothing else), gave after epoch 1 train loss
+    0.87884/0.87892, val loss 0.6231/0.6226, holdout loss 0.6323/0.6296 (0.4%). One epoch only:
+    beyond it this toy set-up (random init, 32-pixel crops, so layer4's BatchNorm normalises 4
+    values per channel) is chaotic: the same two single-process runs gave train losses
+    0.809/0.671 in epoch 2 and 0.345/0.521 in epoch 3.
+    """
+    data = _data(tmp_path / "data", odd=False)
+    one = _single(data, tmp_path / "one", "finetune", epochs=1, select="holdout:0.2")
+    rc, out, err = _torchrun(tmp_path, _args(data, tmp_path / "two", "finetune", epochs=1, select="holdout:0.2"))
     assert rc == 0, err[-3000:]
     h1, r1, m1 = _read(one.path)
     h2, r2, m2 = _read(os.path.join(tmp_path / "two", "runs", os.path.basename(one.path)))
-    _assert_close(h2, h1, ("train_loss", "val_loss", "holdout_loss"), rtol=1e-4, atol=1e-5)
+    _assert_close(h2, h1, ("train_loss", "val_loss", "holdout_loss"), rtol=1e-2, atol=1e-5)
     assert r2["sync_batchnorm"] and r2["config"]["sync_batchnorm_layers"] == 20  # every BatchNorm of ResNet18
-    assert r2["selection"]["selected_epoch"] == r1["selection"]["selected_epoch"]
+    assert not r1["sync_batchnorm"]
+    with data_module.seeded(0):  # the run's initial weights (seed 0), to measure what the epoch changed
+        start = backbones.build_model(backbones.resolve_weights("random", 0), num_classes=2).state_dict()
     for name in m1:  # running statistics included
-        torch.testing.assert_close(m2[name].float(), m1[name].float(), rtol=1e-3, atol=1e-4)
+        if m1[name].is_floating_point():
+            change = (m1[name].double() - start[name].double()).norm()
+            assert (m2[name].double() - m1[name].double()).norm() <= 0.05 * change + 1e-7, name
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("small_images")
 def test_kill_rank_1_mid_epoch_then_rerun_equals_an_uninterrupted_run(tmp_path):
-    data = _data(tmp_path / "data")
+    data = _data(tmp_path / "data", odd=False)
     rc, _, err = _torchrun(tmp_path, _args(data, tmp_path / "whole", "finetune", epochs=3))
     assert rc == 0, err[-3000:]
     # 3 steps per epoch: step 5 is the middle of epoch 2, after epoch 1's last.pt.
@@ -169,7 +189,8 @@ def test_resume_under_another_world_size_is_refused_with_one_line(tmp_path):
     rc, out, err = _torchrun(tmp_path, _args(data, tmp_path / "c", "fixed", epochs=2))
     assert rc != 0
     assert "written by a run of 1 rank(s) and this launch has 2" in err and "--rebuild" in err
-    assert "Traceback" not in err.split("torch.distributed.elastic")[0]  # the ranks print one line, no traceback
+    assert "rank 0 of 2 stopped during resume" in err  # rank 1 says why it stopped
+    assert "pipeline/finetune" not in err  # one line per rank, no traceback (torchrun adds its own report)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ process uses.
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Iterable, List, Optional
 
 import torch
@@ -223,8 +224,8 @@ class CpuSyncBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the whole step, over every rank.
 
     ``torch.nn.SyncBatchNorm`` runs on GPUs only; this is the same computation for gloo: the
-    per-channel sums, sums of squares and counts of every rank are added by a differentiable
-    all-reduce (``torch.distributed.nn.functional.all_reduce``, whose backward sums the
+    per-channel sums and counts of every rank, then their squared deviations from the mean,
+    are added by a differentiable all-reduce (``torch.distributed.nn.functional.all_reduce``, whose backward sums the
     gradients of every rank), so the forward pass and the gradients are those of one batch
     holding every rank's images. The state_dict is BatchNorm2d's. A rank with no image in a step
     contributes zeros. Outside training, or without a process group, it is BatchNorm2d.
@@ -235,16 +236,25 @@ class CpuSyncBatchNorm2d(nn.BatchNorm2d):
 
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
+        with warnings.catch_warnings():  # torch 2.10+ calls it deprecated; it still works, and its backward is documented
+            warnings.simplefilter("ignore", FutureWarning)
+            return self._synchronised(x)
+
+    def _synchronised(self, x: torch.Tensor) -> torch.Tensor:
         from torch.distributed.nn.functional import all_reduce
 
         channels = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
+        shape = [1, channels] + [1] * (x.dim() - 2)
         x32 = x.float()
         count = x32.new_full((1,), x32.numel() // max(1, channels))
-        stats = all_reduce(torch.cat([x32.sum(dims), (x32 * x32).sum(dims), count]))
-        n = stats[-1]
-        mean = stats[:channels] / n
-        var = (stats[channels:2 * channels] / n - mean * mean).clamp_min(0)
+        # Two passes (mean, then squared deviations), as BatchNorm computes them: E[x^2] - E[x]^2
+        # loses the variance to cancellation when a channel's spread is small against its mean.
+        totals = all_reduce(torch.cat([x32.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        centred = x32 - mean.view(shape)
+        var = all_reduce((centred * centred).sum(dims)) / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -252,8 +262,7 @@ class CpuSyncBatchNorm2d(nn.BatchNorm2d):
                 unbiased = var * (n / (n - 1).clamp_min(1))
                 self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
                 self.running_var.mul_(1 - factor).add_(unbiased.detach(), alpha=factor)
-        shape = [1, channels] + [1] * (x.dim() - 2)
-        y = (x32 - mean.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
@@ -288,7 +297,11 @@ def wrap(module: nn.Module, device: torch.device, ctx: distributed.Context) -> n
     """
     if not ctx.is_distributed:
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
+    # broadcast_buffers was renamed forward_sync_buffers (torch 2.10+); both keep init's broadcast.
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
     return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   **{"forward_sync_buffers" if newer else "broadcast_buffers": False})
