@@ -21,7 +21,7 @@ def test_gpu_check_dry_run_prints_every_row_and_passes(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     checks = [r["check"] for r in report["rows"]]
-    assert [c.split()[0] for c in checks] == ["extraction", "extraction", "bf16", "2", "fine-tune", "resume"]
+    assert [c.split()[0] for c in checks] == ["extraction", "extraction", "bf16", "2", "fine-tune", "resume", "2"]
     assert all(r["ok"] for r in report["rows"]) and report["environment"]["device"] == "cpu"
     for check in checks:
         assert check in proc.stdout
