@@ -127,8 +127,13 @@ def test_fixed_mode_two_ranks_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("small_images")
-def test_finetune_mode_with_sync_batchnorm_matches_one_process(tmp_path):
-    """Every layer and its BatchNorm train: after one epoch (two steps of 4 images, 2 per rank)
+@pytest.mark.parametrize("options, synced", [
+    ({"mode": "finetune", "select": "holdout:0.2"}, 20),  # every BatchNorm of ResNet18
+    ({"mode": "partial", "trainable_from": "layer4"}, 5),  # layer4's: the frozen ones stay in eval mode
+    ({"mode": "fixed", "bn": "train"}, 20),  # the tutorial's drift: frozen, yet every statistic trains
+])
+def test_sync_batchnorm_matches_one_process(tmp_path, options, synced):
+    """BatchNorm trains (in every layer with finetune): after one epoch (two steps of 4 images, 2 per rank)
     the train loss (batch statistics synchronised in the forward pass), the holdout and val
     losses (running statistics and weights after two steps) and every weight and BatchNorm
     buffer are those of one process: losses within 1% (relative), each tensor within 5% of what
@@ -142,13 +147,16 @@ def test_finetune_mode_with_sync_batchnorm_matches_one_process(tmp_path):
     0.809/0.671 in epoch 2 and 0.345/0.521 in epoch 3.
     """
     data = _data(tmp_path / "data", odd=False)
-    one = _single(data, tmp_path / "one", "finetune", epochs=1, select="holdout:0.2")
-    rc, out, err = _torchrun(tmp_path, _args(data, tmp_path / "two", "finetune", epochs=1, select="holdout:0.2"))
+    options = dict(options)
+    mode = options.pop("mode")
+    one = _single(data, tmp_path / "one", mode, epochs=1, **options)
+    rc, out, err = _torchrun(tmp_path, _args(data, tmp_path / "two", mode, epochs=1, **options))
     assert rc == 0, err[-3000:]
     h1, r1, m1 = _read(one.path)
     h2, r2, m2 = _read(os.path.join(tmp_path / "two", "runs", os.path.basename(one.path)))
-    _assert_close(h2, h1, ("train_loss", "val_loss", "holdout_loss"), rtol=1e-2, atol=1e-5)
-    assert r2["sync_batchnorm"] and r2["config"]["sync_batchnorm_layers"] == 20  # every BatchNorm of ResNet18
+    losses = ("train_loss", "val_loss") + (("holdout_loss",) if "select" in options else ())
+    _assert_close(h2, h1, losses, rtol=1e-2, atol=1e-5)
+    assert r2["sync_batchnorm"] and r2["config"]["sync_batchnorm_layers"] == synced
     assert not r1["sync_batchnorm"]
     with data_module.seeded(0):  # the run's initial weights (seed 0), to measure what the epoch changed
         start = backbones.build_model(backbones.resolve_weights("random", 0), num_classes=2).state_dict()
