@@ -22,6 +22,10 @@ after every epoch) ends bit-identical on CPU to an uninterrupted one, whatever t
 loader processes. Outputs live in ``<cache>/runs/<run name>/`` (see :func:`run_name`); ``metrics.json`` is
 written last, so a run without it is unfinished.
 
+Under ``torchrun`` one run trains on every rank (DistributedDataParallel; ``--batch-size`` is the
+global batch): the wrapping, each rank's share, synchronised BatchNorm and the gathered
+evaluation are ``ddp``; here only rank 0 locks and writes the run folder.
+
 Read top to bottom: :func:`run` makes one :class:`FinetuneRun` per seed; ``_train`` sets up
 (or restores) the network and optimiser, then each epoch is :func:`train_one_epoch` and
 :func:`evaluate`, saved; ``_finish`` scores the reported model once and writes the record.
