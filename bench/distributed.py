@@ -2,6 +2,7 @@
 
     python bench/distributed.py [--data DIR] [--nproc 2] [--json FILE]        # a few minutes
     python bench/distributed.py --sizes 2500,5000,10000,20000 --stitch-rows 20000,100000   # full run
+    python bench/distributed.py --skip-real --skip-scaling --skip-stitch   # (d) fine-tuning alone
 
 (a) the real data set extracted cold by one process and by ``torchrun --nproc_per_node=N``:
     extraction images/s, wall time of the whole command, peak RSS per process;
@@ -9,7 +10,11 @@
     extracted by N ranks: images/s and peak RSS should stay flat as the set grows;
 (c) stitching N shards into one cache: the merge (copy) the pipeline does against an h5py
     virtual data set (VDS) over the shards: creation time, full read time, file size, and
-    whether the result still reads right once the shards are gone or the file is moved.
+    whether the result still reads right once the shards are gone or the file is moved;
+(d) fine-tuning (``python -m pipeline finetune``) of the real data set by one process and by
+    ``torchrun --nproc_per_node=N`` (DistributedDataParallel, the same global batch): train
+    images/s of the last epoch and the scaling efficiency (speed-up over one single-threaded
+    process, divided by N), with the load average around each run.
 
 Random weights (nothing to download; speed does not depend on the weight values). Each run
 is a fresh process tree on a fresh cache; run ``--worker`` is the per-rank entry point.
@@ -107,6 +112,38 @@ def _line(tag: str, m: dict) -> str:
     return (f"{tag:<22} {m['images']:>6} img | extraction {m['images_per_s']:6.1f} img/s ({m['extract_s']:6.1f} s) | "
             f"command {m['wall_s']:6.1f} s | CPU {m['cpu_ms_per_image']:4.0f} ms/img | plan {t['plan']:.2f} s, "
             f"write {t['write']:.2f} s | peak RSS per process {rss} MB | load {m['load_before']:.1f}->{m['load_after']:.1f}")
+
+
+def finetune(data: str, nproc: int, args, threads: int = 0) -> dict:
+    """One fresh ``finetune`` command on ``data`` by ``nproc`` processes (torchrun when > 1).
+
+    ``threads``: OMP_NUM_THREADS per process (0: torchrun's 1 per rank, torch's default alone).
+    """
+    tmp = tempfile.mkdtemp(prefix="bench-dist-ft-")
+    cache = os.path.join(tmp, "cache")
+    stage = ["-m", "pipeline", "finetune", "--data", data, "--cache", cache, "--weights", "random",
+             "--device", "cpu", "--mode", args.ft_mode, "--epochs", str(args.ft_epochs),
+             "--batch-size", str(args.ft_batch_size), "--train-per-class", str(args.ft_per_class),
+             "--precision", "fp32", "--no-progress"]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    env = dict(os.environ, PYTHONPATH=REPO, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    load = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *launcher, *stage], cwd=REPO, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"fine-tuning failed:\n{proc.stderr[-3000:]}")
+    run = os.path.join(cache, "runs", args.ft_mode + (f"-k{args.ft_per_class}" if args.ft_per_class else ""))
+    with open(os.path.join(run, "metrics.json")) as fh:
+        record = json.load(fh)
+    with open(os.path.join(run, "history.json")) as fh:
+        last = json.load(fh)["epochs"][-1]
+    shutil.rmtree(tmp, ignore_errors=True)
+    n_train = record["train_images"]
+    return {"processes": nproc, "threads": threads or record["config"]["threads"], "train_images": n_train,
+            "world_size": record["world_size"], "last_epoch_train_s": last["train_seconds"],
+            "images_per_s": n_train / last["train_seconds"], "epoch_s": last["seconds"], "wall_s": wall,
+            "load_before": load, "load_after": os.getloadavg()[0]}
 
 
 # ---------------------------------------------------------------- (b) synthetic sets
@@ -275,6 +312,12 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-stitch", action="store_true")
+    parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--ft-mode", default="finetune", help="(d) --mode of the fine-tuning runs (default: %(default)s)")
+    parser.add_argument("--ft-epochs", type=int, default=2, help="(d) epochs; the last is timed (default: %(default)s)")
+    parser.add_argument("--ft-batch-size", type=int, default=16, help="(d) global batch (default: %(default)s)")
+    parser.add_argument("--ft-per-class", type=int, default=48,
+                        help="(d) train images per class, 0: all (default: %(default)s)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.worker:
@@ -329,6 +372,26 @@ def main() -> None:
                         silent = " (the rest read as zeros, no error)" if isinstance(c["vds"], int) and c["vds"] < c["of"] else ""
                         print(f"          {case.replace('_', ' ')}: rows that read right: merge {c['merge']}/{c['of']}, "
                               f"VDS {c['vds']}/{c['of']}{silent}")
+    if not args.skip_finetune:
+        data = os.path.abspath(args.data or default_data())
+        print(f"(d) {data}: finetune --mode {args.ft_mode}, global batch {args.ft_batch_size}, "
+              f"{args.ft_per_class or 'all'} train images per class, one process vs torchrun --nproc_per_node={args.nproc}")
+        report["finetune"] = []
+        for n, threads, tag in ((1, 0, "1 process"), (1, 1, "1 process, 1 thread"),
+                                (args.nproc, 0, f"{args.nproc} processes")):
+            m = finetune(data, n, args, threads)
+            report["finetune"].append(m)
+            print(f"  {tag:<22} {m['train_images']:>4} train img | last epoch: train {m['images_per_s']:5.2f} img/s "
+                  f"({m['last_epoch_train_s']:.1f} s), with val {m['epoch_s']:.1f} s | command {m['wall_s']:.1f} s | "
+                  f"{m['threads']} thread(s) per process | load {m['load_before']:.1f}->{m['load_after']:.1f}", flush=True)
+        base = report["finetune"][1]["images_per_s"]
+        top = report["finetune"][2]
+        report["finetune_scaling"] = {"speedup_vs_1_thread": top["images_per_s"] / base,
+                                      "efficiency": top["images_per_s"] / base / args.nproc,
+                                      "speedup_vs_default_threads": top["images_per_s"] / report["finetune"][0]["images_per_s"]}
+        sc = report["finetune_scaling"]
+        print(f"  {args.nproc} ranks: {sc['speedup_vs_1_thread']:.2f}x one single-threaded process (scaling efficiency "
+              f"{sc['efficiency']:.0%}), {sc['speedup_vs_default_threads']:.2f}x one process with torch's default threads")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=2)

@@ -22,6 +22,9 @@ bounds):
 - fine-tuning in fp16 with a GradScaler, forced once (auto picks it only below sm80);
 - resume: 1 epoch + 1 resumed against 2 straight epochs under deterministic algorithms:
   parameters must be equal.
+- a 2-GPU DistributedDataParallel fine-tuning epoch (``torchrun``, NCCL, SyncBatchNorm) against
+  1 GPU at the same global batch: train images/s, scaling efficiency, first-epoch train loss.
+  It runs where 2 GPUs are visible and says "skipped" where not (gloo on CPU in a dry run).
 
 Weights are random (nothing is downloaded; speed does not depend on weight values), so no
 accuracy here is a transfer-learning result. Without ``--data`` a synthetic ImageFolder of
@@ -264,6 +267,22 @@ def counting_scaler_steps():
         yield calls
     finally:
         torch.amp.GradScaler.step = real
+DDP_BATCH = {"full": 32, "dry": 4}  # the global batch of the DDP row (per GPU: half)
+
+
+def ddp_run(data_dir: str, cache: str, device: str, precision: str, dry_run: bool) -> subprocess.CompletedProcess:
+    """This script's ``_finetune`` entry under ``torchrun --nproc_per_node=2``: one epoch of one run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.abspath(__file__), "_finetune", "--data", data_dir, "--cache", cache, "--device", device,
+           "--precision", precision] + (["--dry-run"] if dry_run else [])
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1" if dry_run else "4"))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def ddp_config(data_dir: str, cache: str, device: str, precision: str, dry_run: bool) -> FinetuneConfig:
+    return FinetuneConfig(data=data_dir, cache=cache, weights="random", device=device, precision=precision,
+                          mode="finetune", epochs=1, batch_size=DDP_BATCH["dry" if dry_run else "full"],
+                          progress=False)
 
 
 def max_param_diff(a_dir: str, b_dir: str) -> float:
@@ -405,7 +424,43 @@ def _check(args, sizes: dict, device: torch.device, work: str) -> dict:
                           + (f"; nondeterministic ops: {alerts}" if alerts else ""),
                  "floor": "== 0", "ok": resumed.resumed_from == 1 and d_resume == 0.0, "max_abs_diff": d_resume,
                  "nondeterministic_ops": alerts})
+
+    # a 2-GPU DDP fine-tuning epoch against 1 GPU, the same global batch
+    rows.append(ddp_row(args, data_dir, work, device, gpus, precision))
     return report
+
+
+def ddp_row(args, data_dir: str, work: str, device: torch.device, gpus: int, precision: str) -> dict:
+    batch = DDP_BATCH["dry" if args.dry_run else "full"]
+    if device.type == "cuda" and gpus < 2:
+        return {"check": "2-GPU DDP fine-tune epoch vs 1 GPU", "value": f"skipped: {gpus} GPU visible (needs 2)",
+                "floor": "", "ok": None}
+    if args.no_distributed:
+        return {"check": "2-GPU DDP fine-tune epoch vs 1 GPU", "value": "skipped (--no-distributed)", "floor": "",
+                "ok": None}
+    backend = "NCCL" if gpus else "gloo, CPU"
+    name = f"2 ranks DDP fine-tune epoch ({backend}, batch {batch}) vs 1"
+    one = finetune.run(ddp_config(data_dir, os.path.join(work, "ddp-one"), str(device), precision,
+                                  args.dry_run)).runs[0].metrics
+    proc = ddp_run(data_dir, os.path.join(work, "ddp-two"), "cuda" if gpus else "cpu", precision, args.dry_run)
+    if proc.returncode != 0:
+        return {"check": name, "value": f"FAILED (exit {proc.returncode})", "floor": "", "ok": False,
+                "stderr": proc.stderr[-2000:]}
+    with open(os.path.join(work, "ddp-two", "runs", "finetune", "metrics.json")) as fh:
+        two = json.load(fh)
+    loss = [finetune_loss(os.path.join(work, d, "runs", "finetune")) for d in ("ddp-one", "ddp-two")]
+    speedup = two["images_per_s"] / one["images_per_s"]
+    return {"check": name, "value": f"{two['images_per_s']:.1f} vs {one['images_per_s']:.1f} train images/s, "
+                                    f"efficiency {speedup / 2:.0%}; epoch-1 train loss {loss[1]:.4f} vs {loss[0]:.4f}",
+            "floor": "1 rank, same global batch", "ratio": speedup,
+            "ok": two["world_size"] == 2 and bool(two["sync_batchnorm"]),
+            "images_per_s": two["images_per_s"], "one_images_per_s": one["images_per_s"],
+            "efficiency": speedup / 2, "train_loss": loss[1], "one_train_loss": loss[0]}
+
+
+def finetune_loss(run_dir: str) -> float:
+    with open(os.path.join(run_dir, "history.json")) as fh:
+        return json.load(fh)["epochs"][0]["train_loss"]
 
 
 def table(report: dict) -> str:
@@ -460,10 +515,26 @@ def rank_entry(argv) -> int:
     return 0
 
 
+def ddp_entry(argv) -> int:
+    """``_finetune``: one rank of the 2-rank fine-tuning epoch (torchrun starts two of these)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--cache", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args(argv)
+    apply_sizes(args.dry_run)
+    finetune.run(ddp_config(args.data, args.cache, args.device, args.precision, args.dry_run))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_features"]:
         return rank_entry(argv[1:])
+    if argv[:1] == ["_finetune"]:
+        return ddp_entry(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="", help="an ImageFolder data set (default: synthetic JPEGs)")

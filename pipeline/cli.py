@@ -233,6 +233,8 @@ def _add_finetune(sub) -> None:
     p.add_argument("--strict", action="store_true", help="an undecodable image is fatal instead of skipped")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or epoch lines")
+    p.add_argument("--dist-timeout", type=float, default=d.dist_timeout,
+                   help="under torchrun: seconds a rank waits for the others before giving up")
     p.set_defaults(handler=_run_finetune)
 
 
@@ -240,7 +242,8 @@ def _run_finetune(args) -> None:
     from . import finetune
 
     result = finetune.run(_config(config.FinetuneConfig, args))
-    print(result.summary())
+    if result.primary:  # under torchrun, rank 0 alone reports
+        print(result.summary())
 
 
 def _add_compare(sub) -> None:

@@ -261,6 +261,8 @@ class FinetuneConfig:
     strict: bool = False  # an undecodable image is fatal instead of skipped
     rebuild: bool = False
     progress: bool = True
+    # Under torchrun: the longest any rank waits for the others at a meeting point (seconds).
+    dist_timeout: float = 1800.0
 
     def __post_init__(self):
         _one_of(self, "mode", MODES)
@@ -287,6 +289,7 @@ class FinetuneConfig:
                 "lr", "gamma")
         _interval(self, "train_per_class", 0, rule=">= 0 (0: every train image)")
         _interval(self, "eval_every", 0, rule=">= 0 (0: the final epoch only)")
+        _interval(self, "dist_timeout", 0, math.inf, open_low=True, open_high=True, rule="> 0 seconds and finite")
         try:
             parse_select(self.select)
         except ValueError as exc:

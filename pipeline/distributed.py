@@ -1,12 +1,13 @@
-"""torch.distributed for the feature stage: launch detection, the process group, meeting points.
+"""torch.distributed for the feature and fine-tuning stages: launch detection, the process group, meeting points.
 
 ``torchrun`` starts one process per rank and exports ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
 ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``; that environment is the only signal
 used here. Without it (or with ``WORLD_SIZE=1``) nothing is initialised and every helper is
 a no-op, so a single process needs neither torchrun nor a process group.
 
-Ranks exchange only small Python objects (plans, statuses, file names), never tensors: each
-rank writes its own results to the shared file system. Every exchange goes through
+The feature stage's ranks exchange only small Python objects (plans, statuses, file names),
+never tensors: each rank writes its own results to the shared file system. The fine-tuning
+stage adds DistributedDataParallel's gradients (``pipeline/finetune/ddp.py``). Every exchange goes through
 :meth:`Context.meet`, which also carries each rank's error, so a failure on one rank stops
 every rank at its next meeting point instead of leaving the others waiting.
 """

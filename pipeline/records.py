@@ -359,6 +359,12 @@ class RunRecord(_Record):
     train_per_class : int
         ``K`` of ``--train-per-class`` (0: every train image); ``train_subset`` lists the
         images then used (without the held-out ones), ``train_images`` counts them with them.
+    world_size : int
+        Processes that trained the run together under ``torchrun`` (1 without it);
+        ``total_seconds`` is wall-clock time, so the run cost ``total_seconds * world_size``
+        device-seconds (what compare charges it).
+    sync_batchnorm : bool
+        Whether BatchNorm layers that train synchronised their statistics over the ranks.
     """
 
     name: str
@@ -400,6 +406,10 @@ class RunRecord(_Record):
     # sha256 of each checkpoint file in the run folder ({"model.pt": ..., "last.pt": ...}), checked
     # before a checkpoint is used (checkpoints.verify_checkpoint); a mismatch names --rebuild.
     checkpoints: Dict[str, str] = field(default_factory=dict)
+    # Processes that trained the run together (torchrun, DistributedDataParallel); its cost in
+    # device-seconds is total_seconds * world_size.
+    world_size: int = 1
+    sync_batchnorm: bool = False  # BatchNorm statistics synchronised over the ranks (SyncBatchNorm)
     kind: str = "run"
     schema: str = "pipeline.run"
     schema_version: int = SCHEMA_VERSION

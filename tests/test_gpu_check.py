@@ -28,7 +28,9 @@ def test_gpu_check_dry_run_prints_every_row_and_passes(tmp_path):
         f"{low} vs fp32 features",
         "2 ranks vs 1 rank, fp32 (tensor all_reduce over gloo; object collectives over gloo)",
         checks[5],
-        "fine-tune fp16 + GradScaler, 1 epoch", "resume 1+1 vs 2 straight epochs (deterministic algorithms)"]
+        "fine-tune fp16 + GradScaler, 1 epoch", "resume 1+1 vs 2 straight epochs (deterministic algorithms)",
+        checks[8]]
+    assert checks[8].startswith("2")  # the 2-GPU DistributedDataParallel epoch (gloo on CPU in a dry run)
     assert checks[5].startswith("fine-tune epoch 2 (") and checks[5].endswith(", batch 4)")
     assert all(r["ok"] for r in report["rows"]) and report["environment"]["device"] == "cpu"
     rows = {r["check"].split(",")[0]: r for r in report["rows"]}

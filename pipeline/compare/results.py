@@ -10,7 +10,8 @@ Compute time: a head's total is the *full* feature extraction of the cache it wa
 plus its own fit time (the extraction is shared by every head on that cache, but each head
 needs all of it, so each is charged in full: the fair cost of choosing that head alone). A
 run's total is its training time: ``total_seconds`` less the val passes made during training
-(``eval_seconds``: diagnostics only, skipped with ``finetune --eval-every 0``), shown apart.
+(``eval_seconds``: diagnostics only, skipped with ``finetune --eval-every 0``), shown apart; and in
+device-seconds: times the ranks that trained it together under torchrun (``world_size``, 1 without it).
 
 Rows: several seeds of one end-to-end *setting* form one row; the setting is the mode, weights,
 epochs, selection rule, images per class and every training setting of
@@ -175,7 +176,8 @@ def _load_run(path: str, doc: dict) -> Result:
         method=for_backbone(rec.backbone, rec.mode) + ("" if rule == "final" else f" ({selection})"),
         source=path, metrics=rec.metrics, classes=list(rec.classes), data_root=rec.data_root,
         weights_id=rec.weights.id, weights_sha256=rec.weights.sha256, pretrained=rec.weights.pretrained,
-        total_seconds=rec.total_seconds - rec.eval_seconds, train_seconds=rec.total_seconds - rec.eval_seconds,
+        total_seconds=(rec.total_seconds - rec.eval_seconds) * rec.world_size,
+        train_seconds=(rec.total_seconds - rec.eval_seconds) * rec.world_size,
         predict_ms=rec.predict_ms_per_image, trainable_parameters=rec.trainable_parameters,
         device=rec.device, seed=rec.seed, epochs=rec.epochs, selection=selection,
         train_per_class=rec.train_per_class, best_val_epoch=rec.best_val_epoch, best_val_acc=rec.best_val_acc,

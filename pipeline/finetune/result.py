@@ -69,6 +69,7 @@ class FinetuneResult:
 
     runs: List[RunResult]
     skipped: List[dict] = field(default_factory=list)
+    primary: bool = True  # False on the ranks other than 0 of a torchrun launch, which report nothing
 
     def accuracy_mean_std(self) -> Tuple[float, float]:
         accs = np.array([r.accuracy for r in self.runs])

@@ -22,6 +22,10 @@ after every epoch) ends bit-identical on CPU to an uninterrupted one, whatever t
 loader processes. Outputs live in ``<cache>/runs/<run name>/`` (see :func:`run_name`); ``metrics.json`` is
 written last, so a run without it is unfinished.
 
+Under ``torchrun`` one run trains on every rank (DistributedDataParallel; ``--batch-size`` is the
+global batch): the wrapping, each rank's share, synchronised BatchNorm and the gathered
+evaluation are ``ddp``; here only rank 0 locks and writes the run folder.
+
 Read top to bottom: :func:`run` makes one :class:`FinetuneRun` per seed; ``_train`` sets up
 (or restores) the network and optimiser, then each epoch is :func:`train_one_epoch` and
 :func:`evaluate`, saved; ``_finish`` scores the reported model once and writes the record.
@@ -47,9 +51,9 @@ from filelock import FileLock
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import backbones, data, files, metrics, paths
-from . import checkpoints
-from .loaders import AugmentedDataset, EpochSampler, Loaders, decodable, plan, worker_init
+from .. import backbones, data, distributed, files, metrics, paths
+from . import checkpoints, ddp
+from .loaders import AugmentedDataset, Loaders, decodable, plan, worker_init
 from ..backbones.registry import set_submodule
 from ..errors import UserError
 from ..features import extraction, store
@@ -57,7 +61,7 @@ from ..config import BN_CHOICES, MODES, TRAINABLE_FROM, FinetuneConfig, parse_se
 from .checkpoints import RUN_FORMAT, verify_checkpoint  # noqa: F401 (re-exported: tests and export read them here)
 from ..features.extraction import default_batch_size, default_workers, loader_batch_size
 from .result import FinetuneResult, RunResult
-from ..records import RUN_SETTING_KEYS, RunRecord, setting_digest
+from ..records import RUN_SETTING_KEYS, RunRecord, read_json, setting_digest
 from ..versions import TORCH_STACK, library_versions
 
 __all__ = [
@@ -132,16 +136,30 @@ def run(cfg: FinetuneConfig) -> FinetuneResult:
         raise UserError(f"--mode partial needs a backbone with named stages ({', '.join(TRAINABLE_FROM)}: the "
                         f"torchvision ResNets); {backbone.name} has none: use --mode fixed (classifier only) or "
                         "--mode finetune (every layer)")
+    dist = distributed.from_env()
+    if not dist.is_distributed:
+        return _run_seeds(cfg, backbone, backbones.choose_device(cfg.device), dist)
+    # Under torchrun: one run over every rank (DistributedDataParallel, see ddp.py).
+    ddp.check_launch(cfg, dist)
+    device = backbones.choose_device(distributed.device_spec(cfg.device, dist))
+    with distributed.session(dist, device, cfg.dist_timeout) as dist:
+        return _run_seeds(cfg, backbone, device, dist)
+
+
+def _run_seeds(cfg: FinetuneConfig, backbone: backbones.Backbone, device: torch.device,
+               dist: distributed.Context) -> FinetuneResult:
     dataset = data.discover(cfg.data)
-    device = backbones.choose_device(cfg.device)
     precision = backbones.choose_precision(cfg.precision, device)
     # torch's default (one thread per physical core) unless --threads says otherwise.
     threads = cfg.threads or torch.get_num_threads()
     splits, skipped = decodable(dataset, cfg.strict)
-    runs = [_run_one(FinetuneRun(cfg, seed, dataset, plan(cfg, seed, splits, dataset.classes), skipped, device,
-                                 precision, backbone), threads)
-            for seed in tuple(cfg.seeds) or (cfg.seed,)]
-    return FinetuneResult(runs, skipped)
+    runs = []
+    for seed in tuple(cfg.seeds) or (cfg.seed,):
+        planned = plan(cfg, seed, splits, dataset.classes)
+        ddp.check_train_size(len(planned["train"]), dist)
+        runs.append(_run_one(FinetuneRun(cfg, seed, dataset, planned, skipped, device, precision, backbone, dist),
+                             threads))
+    return FinetuneResult(runs, skipped, primary=dist.is_primary)
 
 
 @dataclass
@@ -158,6 +176,7 @@ class FinetuneRun:
     device: torch.device
     precision: str
     backbone: backbones.Backbone
+    dist: distributed.Context = distributed.Context()  # the ranks of a torchrun launch (world size 1 without)
     weights: Optional[backbones.Weights] = None
     settings: dict = field(default_factory=dict)  # everything that shapes the trajectory
     key: str = ""  # store.settings_key(settings)
@@ -174,20 +193,26 @@ class FinetuneRun:
     def file(self, name: str) -> str:
         return os.path.join(self.directory, name)
 
+    @property
+    def shows(self) -> bool:
+        """Whether this process prints progress (under torchrun, rank 0 alone does)."""
+        return self.cfg.progress and self.dist.is_primary
+
 
 # --------------------------------------------------------------------------- one run
 
 
 def _run_one(ctx: FinetuneRun, threads: int) -> RunResult:
-    os.makedirs(ctx.directory, exist_ok=True)
-    ctx.weights = _initial_weights(ctx.cfg, ctx.seed)
+    dist = ctx.dist
+    # Rank 0 first: it may download the weights, then every rank finds them cached.
+    ctx.weights = dist.primary_first("weights", lambda: _initial_weights(ctx.cfg, ctx.seed))
     ctx.settings = _settings(ctx)
     ctx.key = store.settings_key(ctx.settings)
-    with FileLock(ctx.file(".lock")):
-        files.remove_temporaries(ctx.directory)
-        if ctx.cfg.rebuild:
-            checkpoints.clear(ctx.directory)
-        done, ckpt = checkpoints.previous(ctx.directory, ctx.key, ctx.cfg.epochs)
+    with contextlib.ExitStack() as stack:
+        # Rank 0 alone locks, cleans and reads the run folder; the other ranks then read last.pt.
+        found = dist.collective("resume", lambda: _previous(ctx, stack), run=dist.is_primary)
+        status = dist.meet("resume", value=found and (found[0] is not None, found[1] is not None))[0]
+        done, ckpt = found if dist.is_primary else _previous_of_primary(ctx, *status)
         if done is not None:
             return RunResult(ctx.name, ctx.directory, done, up_to_date=True)
         # A resumed run keeps its thread count: CPU reductions split by thread, and
@@ -201,6 +226,26 @@ def _run_one(ctx: FinetuneRun, threads: int) -> RunResult:
                 return _train(ctx, ckpt)
         finally:
             torch.set_num_threads(previous)
+
+
+def _previous(ctx: FinetuneRun, stack: contextlib.ExitStack) -> Tuple[Optional[RunRecord], Optional[dict]]:
+    """(complete record, checkpoint to resume) of the run folder, under its lock (held until ``stack`` closes)."""
+    os.makedirs(ctx.directory, exist_ok=True)
+    stack.enter_context(FileLock(ctx.file(".lock")))
+    files.remove_temporaries(ctx.directory)
+    if ctx.cfg.rebuild:
+        checkpoints.clear(ctx.directory)
+    done, ckpt = checkpoints.previous(ctx.directory, ctx.key, ctx.cfg.epochs)
+    if done is None:
+        ddp.check_resume(ckpt, ctx.dist, ctx.file(paths.RUN_LAST))
+    return done, ckpt
+
+
+def _previous_of_primary(ctx: FinetuneRun, done: bool, resume: bool) -> Tuple[Optional[RunRecord], Optional[dict]]:
+    """What rank 0 found, read back by another rank (rank 0 has checked and cleaned the folder)."""
+    if done:
+        return RunRecord.from_json(read_json(ctx.file(paths.RUN_METRICS))), None
+    return None, checkpoints.load(ctx.file(paths.RUN_LAST)) if resume else None
 
 
 @dataclass
@@ -221,37 +266,50 @@ class _Training:
 
 def _train(ctx: FinetuneRun, ckpt: Optional[dict]) -> RunResult:
     t = _setup(ctx, ckpt)
+    dist = ctx.dist
     for epoch in range(t.start, ctx.cfg.epochs):
         t.history.append(_epoch(ctx, t, epoch))
         # Selection looks at the held-out train images only; val_acc is never read here.
-        if t.loaders.holdout is not None and t.history[-1]["holdout_acc"] > t.selected_score:
+        improved = t.loaders.holdout is not None and t.history[-1]["holdout_acc"] > t.selected_score
+        if improved:
             t.selected_score, t.selected_epoch = t.history[-1]["holdout_acc"], epoch + 1
-            t.model_sha256 = _save_model(ctx, t, "holdout")
-        checkpoints.save_json({"epochs": t.history}, ctx.file(paths.RUN_HISTORY))
-        checkpoints.save(dict(t.meta, model=checkpoints.cpu_state(t.net.model), optimizer=t.step.optimizer.state_dict(),
-                      scheduler=t.scheduler.state_dict(),
-                      scaler=t.step.scaler.state_dict() if t.step.scaler else None,
-                      epoch=epoch + 1, selected_score=t.selected_score, selected_epoch=t.selected_epoch,
-                      model_sha256=t.model_sha256, history=t.history, rng=checkpoints.rng_state(t.loaders.generator, t.loaders.sampler)),
-                 ctx.file(paths.RUN_LAST))
+        # Rank 0 alone writes (every rank holds the same weights); the others wait for it.
+        dist.collective("checkpoint", lambda: _save_epoch(ctx, t, epoch, improved), run=dist.is_primary)
     if t.loaders.holdout is None:  # the fixed schedule's result: the final epoch's model
         t.selected_epoch = len(t.history)
-        t.model_sha256 = _save_model(ctx, t, "final")
+        dist.collective("model.pt", lambda: setattr(t, "model_sha256", _save_model(ctx, t, "final")),
+                        run=dist.is_primary)
     return RunResult(ctx.name, ctx.directory, _finish(ctx, t), resumed_from=t.start)
+
+
+def _save_epoch(ctx: FinetuneRun, t: _Training, epoch: int, improved: bool) -> None:
+    """model.pt when the held-out choice improved, history.json, then last.pt (the resume point)."""
+    if improved:
+        t.model_sha256 = _save_model(ctx, t, "holdout")
+    checkpoints.save_json({"epochs": t.history}, ctx.file(paths.RUN_HISTORY))
+    checkpoints.save(dict(t.meta, model=checkpoints.cpu_state(t.net.model), optimizer=t.step.optimizer.state_dict(),
+                          scheduler=t.scheduler.state_dict(),
+                          scaler=t.step.scaler.state_dict() if t.step.scaler else None,
+                          epoch=epoch + 1, selected_score=t.selected_score, selected_epoch=t.selected_epoch,
+                          model_sha256=t.model_sha256, history=t.history,
+                          rng=checkpoints.rng_state(t.loaders.generator, t.loaders.sampler)),
+                     ctx.file(paths.RUN_LAST))
 
 
 def _setup(ctx: FinetuneRun, ckpt: Optional[dict]) -> _Training:
     """The network, optimiser, schedule and loaders of a run, restored from ``ckpt`` (last.pt) if given."""
     cfg, device, precision = ctx.cfg, ctx.device, ctx.precision
     net = _build(ctx)
+    # Under torchrun, BatchNorm that trains sees the whole step's images, over every rank.
+    synced = ddp.sync_batchnorm([net.trainable] + ([] if net.bn_frozen else [net.frozen]), device, ctx.dist)
     params = [p for p in net.model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, foreach=True)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     loaders = _loaders(ctx, net)
-    step = Step(net, optimizer, scaler, device, precision, cfg.channels_last, cfg.batch_size,
-                pass_batch_size(cfg, device))
+    step = Step(net, optimizer, scaler, device, precision, cfg.channels_last,
+                ddp.per_rank_batch(cfg.batch_size, ctx.dist), pass_batch_size(cfg, device), dist=ctx.dist)
     t = _Training(net, step, scheduler, loaders)
     if ckpt is not None:
         net.model.load_state_dict(ckpt["model"])
@@ -264,10 +322,12 @@ def _setup(ctx: FinetuneRun, ckpt: Optional[dict]) -> _Training:
         t.model_sha256 = ckpt.get("model_sha256", "")
         checkpoints.restore_rng(ckpt["rng"], loaders.generator)
         _say(f"{ctx.name}: resuming after epoch {t.start} of {cfg.epochs} from {ctx.file(paths.RUN_LAST)}",
-             cfg.progress)
+             ctx.shows)
     net.finalize(cfg.channels_last)
+    step.forward = ddp.wrap(net.trainable, device, ctx.dist)
     t.meta = {"format": RUN_FORMAT, "format_version": checkpoints.RUN_FORMAT_VERSION, "key": ctx.key,
-              "name": ctx.name, "mode": cfg.mode, "classes": ctx.dataset.classes, "config": _resolved_config(ctx, loaders),
+              "name": ctx.name, "mode": cfg.mode, "classes": ctx.dataset.classes,
+              "config": dict(_resolved_config(ctx, loaders), sync_batchnorm_layers=synced),
               "weights_id": ctx.weights.id, "pretrained": ctx.weights.pretrained}
     return t
 
@@ -283,8 +343,8 @@ def _epoch(ctx: FinetuneRun, t: _Training, epoch: int) -> dict:
     started = time.perf_counter()
     lr = step.optimizer.param_groups[0]["lr"]
     loaders.sampler.set_epoch(epoch)
-    bar = tqdm(total=loaders.n_train, unit="img", desc=f"{ctx.name} {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(loaders.sampler), unit="img", desc=f"{ctx.name} {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not ctx.shows, dynamic_ncols=True)
     try:
         train_loss, train_acc = train_one_epoch(step, loaders.train, bar)
     finally:
@@ -310,7 +370,7 @@ def _epoch(ctx: FinetuneRun, t: _Training, epoch: int) -> dict:
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - started
     _say(f"{ctx.name} epoch {epoch + 1}/{cfg.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}  "
-         f"{shown}{held.strip()}  lr {lr:.2g}  {seconds:.1f} s", cfg.progress)
+         f"{shown}{held.strip()}  lr {lr:.2g}  {seconds:.1f} s", ctx.shows)
     return dict(record, seconds=seconds, train_seconds=train_seconds)
 
 
@@ -345,9 +405,13 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
     """Score the reported model (model.pt) once on val; write metrics.json (last: it marks the run complete)."""
     cfg, history, splits = ctx.cfg, t.history, ctx.splits
     best_path = ctx.file(paths.RUN_MODEL)
-    if t.model_sha256:
-        verify_checkpoint(best_path, t.model_sha256)
-    t.net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+
+    def load_reported() -> None:
+        if t.model_sha256:  # rank 0 (which wrote it) checks it
+            verify_checkpoint(best_path, t.model_sha256)
+        t.net.model.load_state_dict(torch.load(best_path, map_location="cpu", weights_only=True)["model"])
+
+    ctx.dist.collective("model.pt", load_reported)
     started = time.perf_counter()
     with _pass_hint(ctx):
         _, pred, proba = evaluate(t.step, t.loaders.val)
@@ -381,6 +445,8 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
         trainable_parameters=trainable,
         total_parameters=total,
         device=str(ctx.device),
+        world_size=ctx.dist.world_size,
+        sync_batchnorm=bool(t.meta["config"].get("sync_batchnorm_layers")),
         precision=ctx.precision,
         weights=ctx.weights.ref,
         classes=ctx.dataset.classes,
@@ -396,7 +462,8 @@ def _finish(ctx: FinetuneRun, t: _Training) -> RunRecord:
         settings=ctx.settings,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
-    checkpoints.save_json(record.to_json(), ctx.file(paths.RUN_METRICS))
+    ctx.dist.collective("metrics.json", lambda: checkpoints.save_json(record.to_json(), ctx.file(paths.RUN_METRICS)),
+                        run=ctx.dist.is_primary)
     return record
 
 
@@ -414,8 +481,10 @@ class Step:
     device: torch.device
     precision: str
     channels_last: bool
-    batch_size: int
+    batch_size: int  # images per optimiser step on this process (under torchrun: the global batch / ranks)
     pass_batch_size: int = 0  # images per frozen-prefix chunk (chunked modes): for the out-of-memory hint
+    dist: distributed.Context = distributed.Context()
+    forward: Optional[nn.Module] = None  # what trains: net.trainable, under DistributedDataParallel with torchrun
 
 
 def _prefix_hint(s: Step):
@@ -431,40 +500,75 @@ def _to_device(images: torch.Tensor, s: Step) -> torch.Tensor:
 
 
 def train_one_epoch(s: Step, loader: torch.utils.data.DataLoader, bar) -> Tuple[float, float]:
-    """One pass over train; returns (mean loss, accuracy). One host sync per progress update."""
+    """One pass over train; returns (mean loss, accuracy). One host sync per progress update.
+
+    Under torchrun every rank takes the same number of optimiser steps (see ``ddp``): a rank
+    whose share of the last, short step is empty steps with an empty batch. Loss and accuracy
+    are over every rank's images.
+    """
     s.net.train_mode()
+    forward = s.forward if s.forward is not None else s.net.trainable
+    sizes = loader.sampler.step_sizes() if s.dist.is_distributed else None  # images per step, all ranks
     loss_sum = torch.zeros((), device=s.device)
     correct = torch.zeros((), dtype=torch.int64, device=s.device)
-    seen, shown = 0, time.perf_counter()
+    seen, shown, steps, f, t = 0, time.perf_counter(), 0, None, None
     for images, labels in loader:
         x, y = _to_device(images, s), labels.to(s.device, non_blocking=True)
         with backbones.autocast(s.device, s.precision), _prefix_hint(s):
             feats = s.net.features(x)
         for start in range(0, y.shape[0], s.batch_size):
             f, t = feats[start:start + s.batch_size], y[start:start + s.batch_size]
-            with backbones.autocast(s.device, s.precision):
-                out = s.net.trainable(f)
-            loss = F.cross_entropy(out.float(), t)
-            s.optimizer.zero_grad(set_to_none=True)
-            if s.scaler is not None:
-                s.scaler.scale(loss).backward()
-                s.scaler.step(s.optimizer)
-                s.scaler.update()
-            else:
-                loss.backward()
-                s.optimizer.step()
-            loss_sum += loss.detach() * t.shape[0]
-            correct += (out.detach().argmax(1) == t).sum()
+            loss, out = _optimise(s, forward, f, t, sizes[steps] if sizes else 0)
+            loss_sum += loss
+            correct += (out.argmax(1) == t).sum()
             seen += t.shape[0]
+            steps += 1
         bar.update(y.shape[0])
         if not bar.disable and time.perf_counter() - shown > 0.5:
             shown = time.perf_counter()
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{correct.item() / seen:.3f}")
+    while sizes and steps < len(sizes):  # this rank's share of the last step is empty
+        _optimise(s, forward, f[:0], t[:0], sizes[steps])
+        steps += 1
+    if s.dist.is_distributed:
+        loss_sum, correct = ddp.all_sum(loss_sum, s.dist), ddp.all_sum(correct, s.dist)
+        seen = sum(sizes)
     return loss_sum.item() / seen, correct.item() / seen
 
 
+def _optimise(s: Step, forward: nn.Module, f: torch.Tensor, t: torch.Tensor,
+              step_images: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on ``f``; returns (summed loss of its images, logits), detached.
+
+    ``step_images``: images in the step over every rank (torchrun), 0 for a single process. A
+    rank's loss is then its summed loss times ``world_size / step_images``: the gradient average
+    of DistributedDataParallel is the gradient of the mean over the whole step.
+    """
+    with backbones.autocast(s.device, s.precision):
+        out = forward(f)
+    if step_images:
+        summed = F.cross_entropy(out.float(), t, reduction="sum")
+        loss = summed * (s.dist.world_size / step_images)
+    else:
+        loss = F.cross_entropy(out.float(), t)
+        summed = loss.detach() * t.shape[0]
+    s.optimizer.zero_grad(set_to_none=True)
+    if s.scaler is not None:
+        s.scaler.scale(loss).backward()
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+    else:
+        loss.backward()
+        s.optimizer.step()
+    return summed.detach(), out.detach()
+
+
 def evaluate(s: Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.ndarray, np.ndarray]:
-    """Mean loss, predictions and probabilities on a split, in eval mode under inference_mode."""
+    """Mean loss, predictions and probabilities on a split, in eval mode under inference_mode.
+
+    Under torchrun each rank evaluates its share (``ddp.eval_sampler``) and the logits of every
+    rank are gathered back into data-set order, so every rank returns the whole split's.
+    """
     was_training = s.net.model.training
     s.net.model.eval()
     logits, labels = [], []
@@ -476,6 +580,9 @@ def evaluate(s: Step, loader: torch.utils.data.DataLoader) -> Tuple[float, np.nd
     finally:
         s.net.model.train(was_training)
     out, y = torch.cat(logits), torch.cat(labels)
+    if s.dist.is_distributed:
+        n = len(loader.dataset)
+        out, y = ddp.gather_rows(out, n, s.dist), ddp.gather_rows(y, n, s.dist)
     loss = F.cross_entropy(out, y).item()
     return loss, out.argmax(1).cpu().numpy(), out.softmax(1).cpu().numpy()
 
@@ -605,25 +712,25 @@ def _loaders(ctx: FinetuneRun, net: _Net) -> Loaders:
     workers = default_workers(device) if cfg.workers < 0 else cfg.workers
     big = pass_batch_size(cfg, device)
     # Frozen-prefix modes load chunks of whole optimiser batches, so the prefix runs batched.
-    train_batch = max(1, big // cfg.batch_size) * cfg.batch_size if net.chunked else cfg.batch_size
-    sampler = EpochSampler(len(splits["train"]), seed)
+    batch = ddp.per_rank_batch(cfg.batch_size, ctx.dist)  # the global batch under torchrun, split over the ranks
+    train_batch = max(1, big // batch) * batch if net.chunked else batch
+    sampler = ddp.train_sampler(len(splits["train"]), seed, cfg.batch_size, ctx.dist)
     generator = torch.Generator().manual_seed(seed)
     common = dict(num_workers=workers, pin_memory=device.type == "cuda", worker_init_fn=worker_init,
                   persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
     train = torch.utils.data.DataLoader(
         AugmentedDataset(root, splits["train"], data.train_transform(preprocess)), batch_size=train_batch,
         sampler=sampler, generator=generator, **common)
-    val = torch.utils.data.DataLoader(
-        data.ImageDataset(root, splits["val"], data.eval_transform(preprocess)),
-        batch_size=loader_batch_size(big, workers, len(splits["val"])), shuffle=False,
-        **common)
+    val_set = data.ImageDataset(root, splits["val"], data.eval_transform(preprocess))
+    val = torch.utils.data.DataLoader(val_set, batch_size=loader_batch_size(big, workers, len(splits["val"])),
+                                      sampler=ddp.eval_sampler(val_set, ctx.dist), **common)
     loaders = Loaders(train, val, sampler, generator, list(splits["val"]),
                        np.array([item.label for item in splits["val"]]), len(splits["train"]))
     if splits.get("holdout"):
+        hold_set = data.ImageDataset(root, splits["holdout"], data.eval_transform(preprocess))
         loaders.holdout = torch.utils.data.DataLoader(
-            data.ImageDataset(root, splits["holdout"], data.eval_transform(preprocess)),
-            batch_size=loader_batch_size(big, workers, len(splits["holdout"])), shuffle=False,
-            **common)
+            hold_set, batch_size=loader_batch_size(big, workers, len(splits["holdout"])),
+            sampler=ddp.eval_sampler(hold_set, ctx.dist), **common)
         loaders.holdout_labels = np.array([i.label for i in splits["holdout"]])
     return loaders
 
@@ -671,7 +778,7 @@ def _resolved_config(ctx: FinetuneRun, loaders: Loaders) -> dict:
     resolved.update(seed=ctx.seed, seeds=list(cfg.seeds), device=str(ctx.device), precision=ctx.precision,
                     weights=weights.spec, weights_id=weights.id, workers=loaders.train.num_workers,
                     data=os.path.abspath(cfg.data), cache=os.path.abspath(cfg.cache),
-                    threads=torch.get_num_threads())
+                    threads=torch.get_num_threads(), world_size=ctx.dist.world_size)
     return resolved
 
 
