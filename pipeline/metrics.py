@@ -236,16 +236,7 @@ def pairwise_mcnemar(correct: np.ndarray, names: Sequence[str], alpha: float = 0
             b = int(np.sum(correct[i] & ~correct[j]))
             c = int(np.sum(~correct[i] & correct[j]))
             tests.append(PairTest(i, j, b, c, mcnemar_exact(b, c), 1.0))
-    for t, adj in zip(tests, holm([t.p for t in tests])):
-        t.p_adjusted = adj
-        if adj <= alpha and t.b != t.c:
-            t.winner = t.i if t.b > t.c else t.j
-    beaten_by: List[List[int]] = [[] for _ in range(n)]
-    for t in tests:
-        if t.winner is not None:
-            beaten_by[t.j if t.winner == t.i else t.i].append(t.winner)
-    top = [m for m in range(n) if not beaten_by[m]]
-    return Pairwise(list(names), alpha, tests, top, [sorted(b) for b in beaten_by])
+    return _holm_pairwise(names, tests, alpha, lambda t: t.b - t.c)
 
 
 
@@ -322,16 +313,7 @@ def pairwise_seeds(correct: Sequence[np.ndarray], names: Sequence[str], alpha: f
             scale = scores[i].shape[0] * scores[j].shape[0]
             b, c = int(round(d[d > 0].sum() / scale)), int(round(-d[d < 0].sum() / scale))
             tests.append(PairTest(i, j, b, c, sign_flip_exact(d), 1.0, sign=int(np.sign(d.sum()))))
-    for t, adj in zip(tests, holm([t.p for t in tests])):
-        t.p_adjusted = adj
-        if adj <= alpha and t.sign != 0:
-            t.winner = t.i if t.sign > 0 else t.j
-    beaten_by: List[List[int]] = [[] for _ in range(n)]
-    for t in tests:
-        if t.winner is not None:
-            beaten_by[t.j if t.winner == t.i else t.i].append(t.winner)
-    top = [m for m in range(n) if not beaten_by[m]]
-    return Pairwise(list(names), alpha, tests, top, [sorted(b) for b in beaten_by])
+    return _holm_pairwise(names, tests, alpha, lambda t: t.sign)
 
 
 # --------------------------------------------------------------------------- effect sizes
@@ -450,3 +432,19 @@ def cheapest(members: Sequence[int], costs: Sequence[float], names: Sequence[str
     if not members:
         return None
     return min(members, key=lambda m: (costs[m], names[m] if names else "", m))
+
+
+def _holm_pairwise(names: Sequence[str], tests: list, alpha: float, favours) -> "Pairwise":
+    """Holm over every pair's p-value; where significant, the pair's winner is the side ``favours(t)``
+    points to (> 0: ``i``, < 0: ``j``). The top group: every method no other beats."""
+    n = len(names)
+    for t, adj in zip(tests, holm([t.p for t in tests])):
+        t.p_adjusted = adj
+        if adj <= alpha and favours(t) != 0:
+            t.winner = t.i if favours(t) > 0 else t.j
+    beaten_by: List[List[int]] = [[] for _ in range(n)]
+    for t in tests:
+        if t.winner is not None:
+            beaten_by[t.j if t.winner == t.i else t.i].append(t.winner)
+    top = [m for m in range(n) if not beaten_by[m]]
+    return Pairwise(list(names), alpha, tests, top, [sorted(b) for b in beaten_by])

@@ -302,3 +302,19 @@ def test_partial_mode_without_named_stages_is_one_line(tiny_data, tmp_path):
                          weights="random", mode="partial", device="cpu")
     with pytest.raises(UserError, match="--mode partial needs a backbone with named stages"):
         finetune.run(cfg)
+
+
+def test_compare_tests_every_backbone_and_curves_each_backbones_heads(two_backbones, tmp_path):
+    from pipeline import compare
+    from pipeline.config import CompareConfig
+
+    res = compare.run(CompareConfig(cache=str(two_backbones["cache"]), reports=str(tmp_path / "reports"),
+                                    figures=False))
+    assert sorted(r.backbone for r in res.rows) == ["timm:mobilenetv3_small_050", "torchvision:mobilenet_v3_small"]
+    assert len(res.pairwise.tests) == 1  # the two backbones' heads are tested against each other
+    labels = sorted(s.label for s in res.curve.series)
+    assert labels == ["timm-mobilenetv3_small_050-logistic", "torchvision-mobilenet_v3_small-logistic"]
+    assert len(res.curve.others) == 1  # the second backbone's cache has a curve of its own
+    only = compare.run(CompareConfig(cache=str(two_backbones["cache"]), reports=str(tmp_path / "r2"), figures=False,
+                                     backbones=("timm:mobilenetv3_small_050",)))
+    assert [r.backbone for r in only.rows] == ["timm:mobilenetv3_small_050"]

@@ -97,12 +97,12 @@ def fast_weights(monkeypatch):
     memo = _RANDOM_WEIGHTS
     real = backbones.resolve_weights
 
-    def resolve(spec, seed=0):
+    def resolve(spec, seed=0, backbone=None):
         if spec != "random":
-            return real(spec, seed)
-        if seed not in memo:
-            memo[seed] = real(spec, seed)
-        return memo[seed]
+            return real(spec, seed, backbone)
+        if (seed, backbone) not in memo:
+            memo[seed, backbone] = real(spec, seed, backbone)
+        return memo[seed, backbone]
 
     monkeypatch.setattr(backbones.network, "resolve_weights", resolve)
 

@@ -45,7 +45,8 @@ class CurveReport:
 
     ``series``: one :class:`pipeline.compare.plots.Series` per head / end-to-end setting, with ``n``
     (subsets or seeds per point); ``cheapest``: per ``k``, the cheapest member of that ``k``'s
-    top group; ``sentence``: where that changes.
+    top group; ``sentence``: where that changes. ``curve`` is on the feature cache most head rows
+    share (``features_path``); ``others`` the heads' curves on every other cache (backbone).
     """
 
     curve: curve_mod.CurveResult
@@ -54,10 +55,12 @@ class CurveReport:
     cheapest: List[dict]
     sentence: str
     figure_note: str
+    others: Dict[str, curve_mod.CurveResult] = field(default_factory=dict)  # other caches (backbones): path -> curve
 
     def to_json(self) -> dict:
         doc = curve_mod.to_json(self.curve)
         doc.update(features_path=self.features_path, answer_by_k=self.cheapest, sentence=self.sentence,
+                   other_feature_caches={p: curve_mod.to_json(c) for p, c in self.others.items()},
                    end_to_end={s.label: [{"k": k, "mean": m, "std": sd, "seeds": n}
                                          for k, m, sd, n in zip(s.k, s.mean, s.std, s.n)]
                                for s in self.series if s.kind == "run"})
@@ -79,8 +82,9 @@ class CurveReport:
                 f"Val accuracy, mean ± sample std over {c.n_subsets} seeded stratified subsets of train with k "
                 f"labelled images per class (k={c.ks[-1]}: the smallest class whole; where k covers every "
                 f"class whole there is one subset). Hyper-parameters: {c.rule[-1].split(':')[0]} inside each "
-                f"subset only; {curve_mod.FALLBACK}. Never val. Feature cache `{self.features_path}`; "
-                f"{c.seconds:.1f} s of process time.", ""]
+                f"subset only; {curve_mod.FALLBACK}. Never val. Feature cache `{self.features_path}`"
+                + "".join(f", `{p}`" for p in self.others)
+                + f"; {c.seconds + sum(o.seconds for o in self.others.values()):.1f} s of process time.", ""]
         if self.sentence:
             text.append(self.sentence)
         return "\n".join(text)

@@ -46,37 +46,34 @@ __all__ = ["NOT_PRETRAINED", "Result", "Row", "CurveReport", "CompareResult", "l
 
 def _curve_report(rows: List[Row], runs_k: List[Result], alpha: float, margin: float,
                   seed: int = CURVE_SEED) -> Optional[CurveReport]:
-    """The curve on the feature cache most head rows were fitted on; None without heads.
+    """The curve of the heads on every feature cache they were fitted on (one per backbone, say);
+    None without heads. The cache most head rows share is the reference: its k and val images.
 
     One series per head row (two rows of one head on one cache stay two series) and per
     end-to-end setting of ``--train-per-class`` runs; every k those runs used is a point of the
     heads too, and the runs trained on the heads' subsets of the same number (their seed)."""
-    heads = [r for r in rows if r.kind == "head" and r.representative.features_path]
+    heads = [r for r in rows if r.kind == "head" and r.representative.features_path
+             and r.representative.head in REGISTRY and os.path.isfile(r.representative.features_path)]
     if not heads:
         return None
-    path = Counter(r.representative.features_path for r in heads).most_common(1)[0][0]
-    head_rows = [r for r in heads if r.representative.features_path == path and r.representative.head in REGISTRY]
-    names = list(dict.fromkeys(r.representative.head for r in head_rows))
-    if not names or not os.path.isfile(path):
-        return None
-    X_tr, y_tr, tr_paths, _ = store.read_split(path, "train")
-    X_va, y_va, va_paths, _ = store.read_split(path, "val")
+    caches = [p for p, _ in Counter(r.representative.features_path for r in heads).most_common()]
+    path = caches[0]
+    y_tr = store.read_split(path, "train")[1]
+    _, _, va_paths, _ = store.read_split(path, "val")
     if len(y_tr) == 0 or np.bincount(y_tr).min() < 1 or len(np.unique(y_tr)) < 2:
         return None
     smallest = int(np.bincount(y_tr).min())
     ks = sorted(set(curve_mod.sizes(y_tr)) | {r.train_per_class for r in runs_k if r.train_per_class <= smallest})
-    result = curve_mod.heads_curve(X_tr, y_tr, X_va, y_va, names, seed=seed, ks=ks, keys=list(tr_paths))
-    mean, std = result.mean_std()
-    n_sub = np.sum(~np.isnan(result.accuracy), axis=2)
-    points = []  # (series, correct at each k or None, cost at each k)
-    for row in head_rows:
-        i = names.index(row.representative.head)
-        r = row.representative
-        per_image = r.extract_seconds / r.extract_images if r.extract_images else 0.0
-        s = plots.Series(row.label, result.ks, mean[i].tolist(), std[i].tolist())
-        s.n = n_sub[i].tolist()
-        points.append((s, [result.subsets(i, j) for j in range(len(ks))],
-                       [per_image * result.n_images[j] + result.fit_seconds[i, j] for j in range(len(ks))]))
+    points, results = [], {}  # points: (series, correct at each k or None, cost at each k)
+    for cache in caches:
+        curve = _heads_on_cache([r for r in heads if r.representative.features_path == cache], cache, ks, seed,
+                                va_paths)
+        if curve is not None:
+            results[cache] = curve[0]
+            points += curve[1]
+    if path not in results:
+        return None
+    result = results.pop(path)
     # End-to-end points: runs trained on K images per class, one series per setting; every seed counts.
     groups: Dict[tuple, List[Result]] = {}
     for r in runs_k:
@@ -97,7 +94,30 @@ def _curve_report(rows: List[Row], runs_k: List[Result], alpha: float, margin: f
     sentence = _change_sentence(cheapest, margin)
     note = (f"{result.n_subsets} seeded subsets of train per k; hyper-parameters by CV inside each subset "
             "(k=1: defaults); val only scores")
-    return CurveReport(result, path, [p[0] for p in points], cheapest, sentence, note)
+    return CurveReport(result, path, [p[0] for p in points], cheapest, sentence, note, others=results)
+
+
+def _heads_on_cache(head_rows: List[Row], path: str, ks: List[int], seed: int, va_paths: Sequence[str]):
+    """(the curve, its points) of the heads fitted on one feature cache; None where the cache's
+    train labels or val images are not the reference's (then its ks or tests would not line up)."""
+    X_tr, y_tr, tr_paths, _ = store.read_split(path, "train")
+    X_va, y_va, paths, _ = store.read_split(path, "val")
+    if list(paths) != list(va_paths) or ks[-1] > int(np.bincount(y_tr).min()):
+        return None
+    names = list(dict.fromkeys(r.representative.head for r in head_rows))
+    result = curve_mod.heads_curve(X_tr, y_tr, X_va, y_va, names, seed=seed, ks=ks, keys=list(tr_paths))
+    mean, std = result.mean_std()
+    n_sub = np.sum(~np.isnan(result.accuracy), axis=2)
+    points = []
+    for row in head_rows:
+        i = names.index(row.representative.head)
+        r = row.representative
+        per_image = r.extract_seconds / r.extract_images if r.extract_images else 0.0
+        s = plots.Series(row.label, result.ks, mean[i].tolist(), std[i].tolist())
+        s.n = n_sub[i].tolist()
+        points.append((s, [result.subsets(i, j) for j in range(len(ks))],
+                       [per_image * result.n_images[j] + result.fit_seconds[i, j] for j in range(len(ks))]))
+    return result, points
 
 
 def _cheapest_by_k(ks: List[int], points, alpha: float, margin: float) -> List[dict]:
