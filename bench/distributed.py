@@ -133,7 +133,8 @@ def finetune(data: str, nproc: int, args, threads: int = 0) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode:
         sys.exit(f"fine-tuning failed:\n{proc.stderr[-3000:]}")
-    run = os.path.join(cache, "runs", args.ft_mode + (f"-k{args.ft_per_class}" if args.ft_per_class else ""))
+    # The fresh cache holds this one run (its folder name carries the settings hash of --batch-size/--precision).
+    run = next(d.path for d in os.scandir(os.path.join(cache, "runs")) if d.is_dir())
     with open(os.path.join(run, "metrics.json")) as fh:
         record = json.load(fh)
     with open(os.path.join(run, "history.json")) as fh:

@@ -440,15 +440,18 @@ def ddp_row(args, data_dir: str, work: str, device: torch.device, gpus: int, pre
                 "ok": None}
     backend = "NCCL" if gpus else "gloo, CPU"
     name = f"2 ranks DDP fine-tune epoch ({backend}, batch {batch}) vs 1"
-    one = finetune.run(ddp_config(data_dir, os.path.join(work, "ddp-one"), str(device), precision,
-                                  args.dry_run)).runs[0].metrics
+    single = finetune.run(ddp_config(data_dir, os.path.join(work, "ddp-one"), str(device), precision,
+                                     args.dry_run)).runs[0]
+    one = single.metrics
     proc = ddp_run(data_dir, os.path.join(work, "ddp-two"), "cuda" if gpus else "cpu", precision, args.dry_run)
     if proc.returncode != 0:
         return {"check": name, "value": f"FAILED (exit {proc.returncode})", "floor": "", "ok": False,
                 "stderr": proc.stderr[-2000:]}
-    with open(os.path.join(work, "ddp-two", "runs", "finetune", "metrics.json")) as fh:
+    # The same settings name the same run folder (an explicit --precision adds its settings hash).
+    run_name = os.path.basename(single.path)
+    with open(os.path.join(work, "ddp-two", "runs", run_name, "metrics.json")) as fh:
         two = json.load(fh)
-    loss = [finetune_loss(os.path.join(work, d, "runs", "finetune")) for d in ("ddp-one", "ddp-two")]
+    loss = [finetune_loss(os.path.join(work, d, "runs", run_name)) for d in ("ddp-one", "ddp-two")]
     speedup = two["images_per_s"] / one["images_per_s"]
     return {"check": name, "value": f"{two['images_per_s']:.1f} vs {one['images_per_s']:.1f} train images/s, "
                                     f"efficiency {speedup / 2:.0%}; epoch-1 train loss {loss[1]:.4f} vs {loss[0]:.4f}",
