@@ -166,6 +166,7 @@ def test_timm_name_without_timm_names_the_install(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_timm)
+    network.get_backbone.cache_clear()  # resolved names are remembered: this one must be resolved again
     with pytest.raises(UserError, match="pip install timm"):
         backbones.get_backbone("timm:resnet10t")
 

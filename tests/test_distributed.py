@@ -40,6 +40,11 @@ def _torchrun(data, cache, *extra, script=None, wait=True, timeout=150):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return proc
+    return finish(proc, timeout)
+
+
+def finish(proc, timeout: float) -> tuple:
+    """``(returncode, stdout, stderr)`` of a torchrun launch; one that hangs is killed, ranks too, and fails."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

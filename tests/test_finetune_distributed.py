@@ -21,7 +21,7 @@ from pipeline.config import FinetuneConfig
 from pipeline.errors import UserError
 from pipeline.finetune import ddp, stage as finetune
 from tests.conftest import SMALL_PREPROCESS, make_dataset
-from tests.test_distributed import _kill_tree
+from tests.test_distributed import finish
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,12 +74,7 @@ def _torchrun(tmp_path, args, env=None, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env or {}))
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_tree(proc)
-        raise AssertionError("the distributed run hung")
-    return proc.returncode, out, err
+    return finish(proc, timeout)
 
 
 def _single(data, cache, mode, epochs=2, **kw):

@@ -93,6 +93,7 @@ def timm_module():
     return timm
 
 
+@functools.lru_cache(maxsize=None)
 def get_backbone(name: Optional[str]) -> Backbone:
     """Resolve a ``--backbone`` value, with one clear error for anything unknown.
 
